@@ -257,8 +257,10 @@ def split(labels, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0
     n_lab, n_v = _per_class(n_labeled, k, rng), _per_class(n_val, k, rng)
     lab, val, rest = [], [], []
     y = labels.numpy()
+    everything = n_labeled + n_val == n                    # "all labels": each class keeps all but its val
     for c, nl, nv in zip(classes, n_lab, n_v):
         idx = rng.permutation(np.flatnonzero(y == c))
+        if everything: nl = len(idx) - nv
         if nl + nv > len(idx):
             raise ValueError(f"class {c} has {len(idx)} examples but the split needs {nl} labeled + {nv} "
                              "validation; lower n_labeled or n_val.")

@@ -37,6 +37,7 @@ class Batch:
 class Method:
     "Base class: a method owns its model and turns a `Batch` into (loss, logs)."
     name = "method"
+    ema_model: nn.Module | None = None    # set by `fit` when cfg.ema_decay > 0
     uses_unlabeled = False          # True: fit draws an unlabeled batch of mu * batch_size
 
     def __init__(self, model: nn.Module):
@@ -182,9 +183,8 @@ class NonFiniteLossError(ValueError):
 
 # %% ../nbs/toolkit/train.ipynb #c023
 def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None = None,
-        device=None, checkpoint: str | Path | None = None, checkpoint_every: int | None = None,
-        progress: bool = True) -> History:
-    "Train `method` on `train` restricted to `split`; evaluate on `test` every cfg.eval_every steps."
+        device=None, checkpoint: str | Path | None = None, progress: bool = True) -> History:
+    "Train `method` on `train` restricted to `split`; evaluate (and checkpoint) every cfg.eval_every steps."
     device = torch.device(device) if device is not None else default_device()
     if method.uses_unlabeled and (cfg.mu < 1 or len(split.unlabeled) == 0):
         raise ValueError(f"{method.name} needs unlabeled data: set mu >= 1 and give the split unlabeled indices.")
@@ -250,9 +250,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
             history.append(row)
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "test_acc") if k in row})
             sums, count = {}, 0
-            if checkpoint is not None and ((step + 1) % (checkpoint_every or cfg.eval_every) == 0
-                                           or step + 1 == cfg.steps):
-                save(step + 1)
+            if checkpoint is not None: save(step + 1)
             t0 = time.perf_counter()
     bar.close()
     if ema is not None: method.ema_model = ema

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Pinned for this project's machines (x86_64, Python 3.11), where pip finds both on local disk.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test nbval clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job on the embedded default: the supervised baseline on scikit-learn's digits.
+demo: $(STAMP)
+	$(BIN)/ssl-book bench --preset tiny
+
+## The whole test suite: pytest on tests/, and nbval on every notebook with the tiny preset.
+## nbval runs on a copy stripped with nbdev-clean --clear-all (nbdev-clean drops execution counts).
+test: $(STAMP)
+	rm -rf .nbval && cp -r nbs .nbval
+	cd .nbval && ../$(BIN)/nbdev-clean --clear-all --fname .
+	SSL_BOOK_PRESET=tiny MPLBACKEND=Agg $(BIN)/pytest -q -p no:cacheprovider tests .nbval --nbval-lax
+
+clean:
+	rm -rf .nbval runs _docs _proc

@@ -1,0 +1,59 @@
+"The book's structure: every notebook is in the site, starts with a title, and chapters have a Colab badge."
+import re
+
+import nbformat
+import pytest
+import yaml
+
+from conftest import ROOT
+
+QUARTO = (ROOT / "nbs" / "_quarto.yml").read_text()
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+TOOLKIT = sorted((ROOT / "nbs" / "toolkit").glob("*.ipynb"))
+
+def _entries(items):
+    "Every file named in a Quarto sidebar `contents` tree, in order."
+    for it in items:
+        if isinstance(it, str): yield it
+        elif "href" in it: yield it["href"]
+        elif "contents" in it: yield from _entries(it["contents"])
+
+def _listed():
+    cfg = yaml.safe_load(QUARTO)
+    return list(_entries(cfg["website"]["sidebar"]["contents"]))
+
+def test_site_config_is_valid_and_names_only_existing_files():
+    cfg = yaml.safe_load(QUARTO)
+    assert cfg["project"]["type"] == "website"
+    listed = _listed()
+    assert listed[0] == "index.ipynb" and len(listed) == len(set(listed))
+    assert all((ROOT / "nbs" / f).exists() for f in listed), [f for f in listed if not (ROOT / "nbs" / f).exists()]
+    sections = [s["section"] for s in cfg["website"]["sidebar"]["contents"] if "section" in s]
+    assert sections == ["Chapters", "Toolkit"]
+
+def test_there_are_chapters_and_toolkit_notebooks():
+    assert CHAPTERS and len(TOOLKIT) >= 5
+
+@pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT + [ROOT / "nbs" / "index.ipynb"], ids=lambda p: p.stem)
+def test_notebook_is_in_the_sidebar_and_has_a_title(nb):
+    rel = nb.relative_to(ROOT / "nbs").as_posix()
+    assert rel in _listed(), f"{rel} is not listed in nbs/_quarto.yml"
+    first = nbformat.read(nb, as_version=4).cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# "), f"{rel} must start with a '# ' title"
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_has_colab_badge_for_itself(nb):
+    first = nbformat.read(nb, as_version=4).cells[0].source
+    assert "colab-badge.svg" in first and f"blob/main/nbs/{nb.name}" in first
+
+def test_chapters_are_listed_in_reading_order():
+    listed = [f for f in _listed() if re.fullmatch(r"\d\d_\w+\.ipynb", f)]
+    assert listed == sorted(listed) and set(listed) == {p.name for p in CHAPTERS}
+
+def test_nbdev_settings():
+    import tomllib
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    nbdev = cfg["tool"]["nbdev"]
+    assert nbdev["nbs_path"] == "nbs" and nbdev["doc_path"] == "_docs" and nbdev["tst_flags"] == "notest slow"
+    assert "nbgrader" in nbdev["allowed_cell_metadata_keys"] and "colab" in nbdev["allowed_metadata_keys"]
+    assert cfg["project"]["scripts"]["ssl-book"] == "ssl_book.cli:main"

@@ -1,0 +1,64 @@
+"The exercise convention: student copies hide solutions; the instructor's checks pass and the student's fail."
+import os
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from ssl_book.exercises import exercise_summary, is_check_cell, make_student_copy, strip_solutions
+from conftest import ROOT
+
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+
+def test_strip_solutions_keeps_indent_and_rest():
+    src = "def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return x + y\n    ### END SOLUTION\nprint('after')"
+    assert strip_solutions(src) == "def f(x):\n    y = 1\n    raise NotImplementedError()\nprint('after')"
+    assert strip_solutions("### BEGIN SOLUTION\nanswer\n### END SOLUTION", code=False) == "YOUR ANSWER HERE"
+
+@pytest.mark.parametrize("src", ["### BEGIN SOLUTION\nx", "x\n### END SOLUTION",
+                                 "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION"])
+def test_unbalanced_markers_are_errors(src):
+    with pytest.raises(ValueError):
+        strip_solutions(src)
+
+def test_notebook_without_solutions_is_an_error(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    with pytest.raises(ValueError, match="nothing to hide"):
+        make_student_copy(tmp_path / "a.ipynb", tmp_path / "out")
+    with pytest.raises(ValueError, match="does not exist"):
+        make_student_copy(tmp_path / "missing.ipynb", tmp_path / "out")
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
+def test_each_chapter_has_exercises(nb):
+    counts = exercise_summary(nb)
+    assert counts["solutions"] >= 4 and counts["checks"] >= 2, counts
+
+def _execute(path, cwd):
+    nb = nbformat.read(path, as_version=4)
+    env_before = os.environ.get("SSL_BOOK_PRESET")
+    os.environ["SSL_BOOK_PRESET"] = "tiny"
+    try:
+        NotebookClient(nb, timeout=600, allow_errors=True, kernel_name="python3",
+                       resources={"metadata": {"path": str(cwd)}}).execute()
+    finally:
+        if env_before is None: os.environ.pop("SSL_BOOK_PRESET")
+        else: os.environ["SSL_BOOK_PRESET"] = env_before
+    return nb
+
+def _errors(cell):
+    return [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
+def test_instructor_checks_pass_and_student_checks_fail(nb, tmp_path):
+    student = make_student_copy(nb, tmp_path / "student")
+    src = nbformat.read(student, as_version=4)
+    assert "### BEGIN SOLUTION" not in "".join(c.source for c in src.cells)
+    instructor_run = _execute(nb, nb.parent)
+    student_run = _execute(student, nb.parent)
+    assert not [c.source[:60] for c in instructor_run.cells if _errors(c)]
+    checks = [c for c in student_run.cells if is_check_cell(c) and c.cell_type == "code"]
+    assert checks and all(_errors(c) for c in checks)
+    assert all(any(e["ename"] == "NotImplementedError" for e in _errors(c)) for c in checks)
