@@ -117,23 +117,24 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 def _decode_folder(root: Path) -> ImageSet:
-    from torchvision.io import decode_image, ImageReadMode, read_file
+    from PIL import Image                     # decoding happens once; the arrays are cached below
     classes = _class_folders(root)
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image files>.")
     images, labels = [], []
     for label, folder in enumerate(classes):
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        for f in files:
-            images.append(decode_image(read_file(str(f)), mode=ImageReadMode.RGB))
+        for f in sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
             labels.append(label)
     if not images:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}.")
-    shapes = {tuple(im.shape) for im in images}
+    shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; "
                          "resize them to one size first.")
-    return ImageSet(torch.stack(images), torch.tensor(labels), [c.name for c in classes])
+    return ImageSet(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
+                    [c.name for c in classes])
 
 def _cache_path(root: Path) -> Path:
     writable = os.access(root.parent, os.W_OK)

@@ -14,6 +14,12 @@ def _data(seed, n=80, d=3, k=3, n_lab=9):
     y[lab] = np.arange(n_lab) % k
     return X, y
 
+def _same_predictions(pred, ref):
+    "Predictions agree wherever the reference has a clear winner (exact ties may break either way)."
+    top2 = np.sort(ref.label_distributions_, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-9
+    return (pred[clear] == ref.transduction_[clear]).all()
+
 CASES = [dict(kernel="rbf", gamma=20), dict(kernel="rbf", gamma=0.5), dict(kernel="knn", n_neighbors=7),
          dict(kernel="knn", n_neighbors=3)]
 
@@ -24,7 +30,7 @@ def test_label_propagation_matches_sklearn(seed, params):
     ref = LabelPropagation(**params, max_iter=1000, tol=1e-3).fit(X, y)
     F, pred = label_propagation(X, y, **params, max_iter=1000, tol=1e-3)
     assert np.abs(F - ref.label_distributions_).max() < 1e-6
-    assert (pred == ref.transduction_).all()
+    assert _same_predictions(pred, ref)
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("alpha", [0.2, 0.8])
@@ -34,7 +40,7 @@ def test_label_spreading_matches_sklearn(seed, alpha, params):
     ref = LabelSpreading(**params, alpha=alpha, max_iter=30, tol=1e-3).fit(X, y)
     F, pred = label_spreading(X, y, **params, alpha=alpha, max_iter=30, tol=1e-3)
     assert np.abs(F - ref.label_distributions_).max() < 1e-6
-    assert (pred == ref.transduction_).all()
+    assert _same_predictions(pred, ref)
 
 def test_iteration_cap_matches_sklearn():
     X, y = _data(3)

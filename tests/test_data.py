@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from torchvision.io import encode_png
+from PIL import Image
 
 from ssl_book.data import (ImageSet, StepSampler, check_images, check_labels, load_dataset, make_synthetic,
                            read_image_folder, split)
@@ -64,7 +64,7 @@ def _write_folder(root, classes, n, size=6, seed=0):
         (root / c).mkdir(parents=True)
         for i in range(n):
             img = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
-            (root / c / f"{i:03d}.png").write_bytes(encode_png(img).numpy().tobytes())
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / c / f"{i:03d}.png")
             written[(c, i)] = img
     return written
 
