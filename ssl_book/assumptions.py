@@ -10,11 +10,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
+from typing import Callable
 
 # %% auto #0
 __all__ = ['entropy', 'mlp', 'train_mlp', 'mlp_proba', 'plot_decision', 'smoothness_gap', 'graph_affinity', 'propagation_step',
            'label_propagation', 'spreading_matrix', 'label_spreading', 'graph_predict', 'graph_geodesics',
-           'compare_on_digits', 'neighbour_purity', 'class_mismatch_curve']
+           'digits_matrix', 'compare_on_digits', 'neighbour_purity', 'class_mismatch_curve']
 
 # %% ../nbs/02_assumptions.ipynb #c007
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -26,7 +28,7 @@ def mlp(n_in: int = 2, n_classes: int = 2, hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, n_classes))
 
-def train_mlp(X_l, y_l, X_u=None, entropy_weight: float = 0.0, n_classes: int | None = None, steps: int = 500,
+def train_mlp(X_l: ArrayLike, y_l: ArrayLike, X_u: ArrayLike | None = None, entropy_weight: float = 0.0, n_classes: int | None = None, steps: int = 500,
               lr: float = 0.01, hidden: int = 64, weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
     "Full-batch Adam on cross-entropy (labeled) + entropy_weight * mean entropy (unlabeled)."
     X_l, y_l = torch.as_tensor(X_l, dtype=torch.float32), torch.as_tensor(y_l, dtype=torch.long)
@@ -43,13 +45,14 @@ def train_mlp(X_l, y_l, X_u=None, entropy_weight: float = 0.0, n_classes: int | 
         opt.zero_grad(); loss.backward(); opt.step()
     return model.eval()
 
-def mlp_proba(model: nn.Module, X) -> np.ndarray:
+def mlp_proba(model: nn.Module, X: ArrayLike) -> np.ndarray:
     "Class probabilities of a 2-D model for the points X."
     with torch.no_grad():
         return model(torch.as_tensor(X, dtype=torch.float32)).softmax(-1).numpy()
 
 # %% ../nbs/02_assumptions.ipynb #c009
-def plot_decision(ax, proba_fn, X_l, y_l, X_u=None, title: str = "", grid: int = 150, pad: float = 0.5):
+def plot_decision(ax, proba_fn: Callable[[np.ndarray], np.ndarray], X_l: np.ndarray, y_l: np.ndarray,
+                  X_u: np.ndarray | None = None, title: str = "", grid: int = 150, pad: float = 0.5) -> None:
     "Shade the predicted class of `proba_fn` over the data's bounding box; show unlabeled (grey) and labeled points."
     X_all = np.concatenate([X_l] + ([X_u] if X_u is not None else []))
     (x0, y0), (x1, y1) = X_all.min(0) - pad, X_all.max(0) + pad
@@ -61,7 +64,7 @@ def plot_decision(ax, proba_fn, X_l, y_l, X_u=None, title: str = "", grid: int =
     ax.set_xlabel("$x_1$"); ax.set_ylabel("$x_2$"); ax.set_title(title, fontsize=10)
 
 # %% ../nbs/02_assumptions.ipynb #c011
-def smoothness_gap(proba_fn, X, radius: float, n_pairs: int = 500, seed: int = 0) -> float:
+def smoothness_gap(proba_fn: Callable[[np.ndarray], np.ndarray], X: ArrayLike, radius: float, n_pairs: int = 500, seed: int = 0) -> float:
     "Mean total-variation distance between the posteriors at x and at x + radius * (random unit direction)."
     X = np.asarray(X, dtype=float)
     if X.ndim != 2: raise ValueError("X must be a 2-D array [n_points, n_features].")
@@ -94,7 +97,8 @@ def _sq_dists(A, B):
     d = (A * A).sum(1)[:, None] - 2 * A @ B.T + (B * B).sum(1)[None, :]
     return np.maximum(d, 0)
 
-def graph_affinity(X, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7, X_new=None) -> np.ndarray:
+def graph_affinity(X: ArrayLike, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7,
+                   X_new: ArrayLike | None = None) -> np.ndarray:
     "W[i, j]: an RBF weight exp(-gamma |x_i - x_j|^2), or 1 if x_j is among the k nearest neighbours of x_i (itself included)."
     X = np.asarray(X, dtype=float)
     Q = X if X_new is None else np.asarray(X_new, dtype=float)
@@ -133,8 +137,8 @@ def _one_hot(y, classes):
     Y0[lab, np.searchsorted(classes, y[lab])] = 1.0
     return Y0, lab
 
-def label_propagation(X, y, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7, max_iter: int = 1000,
-                      tol: float = 1e-3, callback=None) -> tuple[np.ndarray, np.ndarray]:
+def label_propagation(X: ArrayLike, y: ArrayLike, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7,
+                      max_iter: int = 1000, tol: float = 1e-3, callback: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     "Label propagation (Zhu & Ghahramani 2002); y uses -1 for unlabeled. Returns (label distributions, predicted labels)."
     X, y, classes = _check_graph_input(X, y)
     W = graph_affinity(X, kernel, gamma, n_neighbors)
@@ -151,8 +155,9 @@ def spreading_matrix(W: np.ndarray) -> np.ndarray:
     d = np.where(d == 0, 1.0, np.sqrt(d))
     return W / d[None, :] / d[:, None]
 
-def label_spreading(X, y, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7, alpha: float = 0.2,
-                    max_iter: int = 30, tol: float = 1e-3, callback=None) -> tuple[np.ndarray, np.ndarray]:
+def label_spreading(X: ArrayLike, y: ArrayLike, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7,
+                    alpha: float = 0.2, max_iter: int = 30, tol: float = 1e-3,
+                    callback: Callable[[int, np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     "Label spreading (Zhou et al. 2004); y uses -1 for unlabeled. Returns (label distributions, predicted labels)."
     if not 0 < alpha < 1: raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha}.")
     X, y, classes = _check_graph_input(X, y)
@@ -161,12 +166,12 @@ def label_spreading(X, y, kernel: str = "rbf", gamma: float = 20.0, n_neighbors:
     F = _iterate(lambda F: alpha * (S @ F) + (1 - alpha) * Y0, Y0, max_iter, tol, callback)
     return F, classes[F.argmax(1)]
 
-def graph_predict(X, F, X_new, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7) -> np.ndarray:
+def graph_predict(X: ArrayLike, F: np.ndarray, X_new: ArrayLike, kernel: str = "rbf", gamma: float = 20.0, n_neighbors: int = 7) -> np.ndarray:
     "Label distributions for new points: the kernel-weighted average of the fitted distributions F."
     return _row_normalize(graph_affinity(X, kernel, gamma, n_neighbors, X_new=X_new) @ F)
 
 # %% ../nbs/02_assumptions.ipynb #c029
-def graph_geodesics(X, source: int, n_neighbors: int = 8) -> np.ndarray:
+def graph_geodesics(X: ArrayLike, source: int, n_neighbors: int = 8) -> np.ndarray:
     "Shortest-path distances from point `source` along a symmetrised kNN graph with Euclidean edge lengths."
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import shortest_path
@@ -175,28 +180,35 @@ def graph_geodesics(X, source: int, n_neighbors: int = 8) -> np.ndarray:
     lengths = np.sqrt(_sq_dists(X, X)) * np.maximum(W, W.T)
     return shortest_path(csr_matrix(lengths), indices=source, directed=False)
 
-# %% ../nbs/02_assumptions.ipynb #c035
-def compare_on_digits(seeds=(0, 1, 2, 3, 4), per_class: int = 10, n_neighbors: int = 7, alpha: float = 0.2) -> dict:
+# %% ../nbs/02_assumptions.ipynb #c033
+def digits_matrix() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "The embedded digits as flat pixel vectors in [0, 1]: X_train, y_train, X_test, y_test."
+    from ssl_book.data import load_dataset
+    train, test = load_dataset("digits")
+    flat = lambda s: s.images.reshape(len(s), -1).numpy() / 255.0
+    return flat(train), train.labels.numpy(), flat(test), test.labels.numpy()
+
+# %% ../nbs/02_assumptions.ipynb #c036
+def compare_on_digits(seeds: tuple[int, ...] = (0, 1, 2, 3, 4), per_class: int = 10, n_neighbors: int = 7, alpha: float = 0.2) -> dict:
     "Test accuracy of label spreading (kNN graph), logistic regression and 1-NN with `per_class` labels, per seed."
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
-    from ssl_book.data import load_dataset, split
-    train, test = load_dataset("digits")
-    X = np.concatenate([train.images, test.images]).reshape(len(train) + len(test), -1) / 255.0
-    y_test = test.labels.numpy()
+    from ssl_book.data import split
+    X_train, y_train, X_test, y_test = digits_matrix()
+    X = np.concatenate([X_train, X_test])
     out = {"label spreading (kNN graph)": [], "logistic regression": [], "1-NN": []}
     for seed in seeds:
-        lab = split(train.labels, per_class * train.n_classes, seed=seed).labeled.numpy()
-        y = np.full(len(X), -1); y[lab] = train.labels.numpy()[lab]
+        lab = split(torch.as_tensor(y_train), per_class * 10, seed=seed).labeled.numpy()
+        y = np.full(len(X), -1); y[lab] = y_train[lab]
         _, pred = label_spreading(X, y, kernel="knn", n_neighbors=n_neighbors, alpha=alpha)
-        out["label spreading (kNN graph)"].append(np.mean(pred[len(train):] == y_test))
-        Xl, yl, Xt = X[lab], y[lab], X[len(train):]
+        out["label spreading (kNN graph)"].append(np.mean(pred[len(X_train):] == y_test))
+        Xl, yl, Xt = X[lab], y[lab], X_test
         out["logistic regression"].append(np.mean(LogisticRegression(max_iter=2000).fit(Xl, yl).predict(Xt) == y_test))
         out["1-NN"].append(np.mean(KNeighborsClassifier(1).fit(Xl, yl).predict(Xt) == y_test))
     return out
 
-# %% ../nbs/02_assumptions.ipynb #c038
-def neighbour_purity(X, y, k: int = 10) -> float:
+# %% ../nbs/02_assumptions.ipynb #c039
+def neighbour_purity(X: ArrayLike, y: ArrayLike, k: int = 10) -> float:
     "Share of each point's k nearest neighbours (Euclidean, itself excluded) that have its label."
     X, y = np.asarray(X, dtype=float), np.asarray(y)
     if len(X) != len(y): raise ValueError("X and y must have the same length.")
@@ -206,33 +218,37 @@ def neighbour_purity(X, y, k: int = 10) -> float:
     nn_idx = np.argsort(d, axis=1, kind="stable")[:, :k]
     return float(np.mean(y[nn_idx] == y[:, None]))
 
-# %% ../nbs/02_assumptions.ipynb #c043
-def class_mismatch_curve(shares=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1, 2, 3, 4), known=range(6), per_class: int = 5,
-                         pool: int = 400, n_neighbors: int = 7) -> dict:
-    "Digits: test accuracy on the known classes of label spreading whose unlabeled pool has a share r of foreign classes."
+# %% ../nbs/02_assumptions.ipynb #c044
+def class_mismatch_curve(shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+                         n_known: int = 6,
+                         per_class: int = 5, pool: int = 400, n_neighbors: int = 7) -> dict:
+    "Digits: test accuracy on classes 0..n_known-1 of label spreading whose unlabeled pool has a share r of other digits."
     from sklearn.neighbors import KNeighborsClassifier
-    from ssl_book.data import load_dataset
-    train, test = load_dataset("digits")
-    X, y = train.images.reshape(len(train), -1).numpy() / 255.0, train.labels.numpy()
-    Xt, yt = test.images.reshape(len(test), -1).numpy() / 255.0, test.labels.numpy()
-    known = np.array(list(known))
-    in_t = np.isin(yt, known)
+    from ssl_book.data import split
+    X, y, Xt, yt = digits_matrix()
+    if not 2 <= n_known <= 9: raise ValueError(f"n_known must be in 2..9 (the rest are foreign), got {n_known}.")
+    known = np.isin(y, np.arange(n_known))
+    n_avail = min(int(known.sum()) - per_class * n_known, int((~known).sum()))
+    if not 0 < pool <= n_avail: raise ValueError(f"pool must be in 1..{n_avail} for the digits, got {pool}.")
+    in_t = yt < n_known
+    ddof = 1 if len(seeds) > 1 else 0
     out = {"share": list(shares), "spreading": [], "supervised": []}
     for r in shares:
         acc_s, acc_b = [], []
         for seed in seeds:
             rng = np.random.default_rng(seed)
-            lab = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in known])
+            k_idx = np.flatnonzero(known)
+            lab = k_idx[split(torch.as_tensor(y[k_idx]), per_class * n_known, seed=seed).labeled.numpy()]
             rest = np.setdiff1d(np.arange(len(y)), lab)
             n_foreign = int(round(r * pool))
-            unl = np.concatenate([rng.choice(rest[np.isin(y[rest], known)], pool - n_foreign, replace=False),
-                                  rng.choice(rest[~np.isin(y[rest], known)], n_foreign, replace=False)])
+            unl = np.concatenate([rng.choice(rest[known[rest]], pool - n_foreign, replace=False),
+                                  rng.choice(rest[~known[rest]], n_foreign, replace=False)])
             nodes = np.concatenate([lab, unl])
             yy = np.concatenate([y[lab], np.full(len(unl), -1)])
-            F, _ = label_spreading(X[nodes], yy, kernel="knn", n_neighbors=n_neighbors)
-            pred = known[graph_predict(X[nodes], F, Xt[in_t], "knn", n_neighbors=n_neighbors).argmax(1)]
+            dist, _ = label_spreading(X[nodes], yy, kernel="knn", n_neighbors=n_neighbors)
+            pred = graph_predict(X[nodes], dist, Xt[in_t], "knn", n_neighbors=n_neighbors).argmax(1)
             acc_s.append(np.mean(pred == yt[in_t]))
             acc_b.append(np.mean(KNeighborsClassifier(1).fit(X[lab], y[lab]).predict(Xt[in_t]) == yt[in_t]))
-        out["spreading"].append((np.mean(acc_s), np.std(acc_s, ddof=1)))
-        out["supervised"].append((np.mean(acc_b), np.std(acc_b, ddof=1)))
+        out["spreading"].append((np.mean(acc_s), np.std(acc_s, ddof=ddof)))
+        out["supervised"].append((np.mean(acc_b), np.std(acc_b, ddof=ddof)))
     return out

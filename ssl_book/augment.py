@@ -36,6 +36,9 @@ def random_translate(x: torch.Tensor, g: torch.Generator, pad: int) -> torch.Ten
     _check_float_batch(x)
     if pad == 0: return x
     B, C, H, W = x.shape
+    if not 0 < pad < min(H, W):
+        raise ValueError(f"pad must be between 0 and {min(H, W) - 1} for {H}x{W} images, got {pad}; "
+                         "lower pad_frac.")
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     oy = (torch.randint(0, 2 * pad + 1, (B,), generator=g)).to(x.device)
     ox = (torch.randint(0, 2 * pad + 1, (B,), generator=g)).to(x.device)
@@ -69,7 +72,9 @@ def _equalize(x, v):
     cdf = hist.cumsum(1)
     first = cdf.masked_fill(hist == 0, float("inf")).amin(1, keepdim=True)   # count of the darkest level
     lut = ((cdf - first) / (H * W - first).clamp_min(1)).clamp(0, 1)
-    return lut.gather(1, q).reshape(B, C, H, W)
+    out = lut.gather(1, q).reshape(B, C, H, W)
+    flat = (first == H * W).reshape(B, C, 1, 1)          # a single grey level: leave it, as PIL does
+    return torch.where(flat, x, out)
 
 def _brightness(x, v): return _blend(x, torch.zeros_like(x), 1 + 0.9 * v)
 def _color(x, v): return _blend(x, _grey(x).expand_as(x), 1 + 0.9 * v)
@@ -87,8 +92,9 @@ def _posterize(x, v):
     return torch.floor((x * 255).round() / shift) * shift / 255
 
 def _solarize(x, v):
-    t = (1 - v.abs())[:, None, None, None]                                 # threshold 1 (identity) .. 0
-    return torch.where(x >= t, 1 - x, x)
+    "Invert the pixels at or above a threshold level, from 256 (identity, v = 0) down to 0 (v = +-1)."
+    level = (256 * (1 - v.abs()))[:, None, None, None]
+    return torch.where((x * 255).round() >= level, 1 - x, x)
 
 def _affine(x, theta):
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -154,6 +160,8 @@ def strong_augment(x: torch.Tensor, g: torch.Generator, flip: bool = True, pad_f
     return cutout(rand_augment(x, g, n_ops=n_ops), g, max_frac=cutout_frac)
 
 # %% ../nbs/toolkit/augment.ipynb #c015
+from .data import to_unit
+
 class Augmenter:
     "Weak and strong augmentation of uint8 batches with one seeded generator."
     def __init__(self, seed: int = 0, flip: bool = True, pad_frac: float = 0.125, n_ops: int = 2,
@@ -162,7 +170,7 @@ class Augmenter:
         self.flip, self.pad_frac, self.n_ops, self.cutout_frac = flip, pad_frac, n_ops, cutout_frac
 
     def _unit(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div(255) if x.dtype == torch.uint8 else x
+        return to_unit(x) if x.dtype == torch.uint8 else x
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         "No augmentation: just floats in [0, 1]."

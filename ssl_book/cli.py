@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", default=["supervised"], help="registered method names")
     b.add_argument("--labels", nargs="+", type=int, default=None, help="labeled examples (default: the preset's)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; each gives its own split")
-    b.add_argument("--data", default=None, help="digits | cifar10 | synthetic (default: the preset's)")
+    b.add_argument("--data", default=None, help="digits | cifar10 | folder | synthetic (default: the preset's)")
+    b.add_argument("--root", default=None, help="data folder for --data folder or a local CIFAR-10 copy")
     b.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
     b.add_argument("--out", default="runs/bench", help="folder for results.json and results.png")
     b.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -51,11 +52,13 @@ def _bench(args) -> int:
     from dataclasses import replace
     from ssl_book.experiment import run_experiment, save_results, summarize, format_table
     from ssl_book.presets import get_preset
+    from ssl_book.data import load_dataset
     preset = get_preset(args.preset)
     if args.data: preset = replace(preset, data=args.data)
-    if args.steps: preset = replace(preset, fit=replace(preset.fit, steps=args.steps))
+    if args.steps is not None: preset = replace(preset, fit=replace(preset.fit, steps=args.steps))
+    data = load_dataset(preset.data, root=args.root) if args.root else None
     print(preset.describe(), flush=True)
-    results = run_experiment(preset, args.methods, args.labels, args.seeds, progress=args.progress)
+    results = run_experiment(preset, args.methods, args.labels, args.seeds, data=data, progress=args.progress)
     print(format_table(summarize(results)))
     paths = save_results(results, preset, args.out)
     print(f"wrote {paths['json']} and {paths['png']}")

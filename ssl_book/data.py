@@ -53,6 +53,7 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    source: str = ""                 # where the images came from, for figure captions and tables
 
     def __post_init__(self):
         check_images(self.images)
@@ -64,12 +65,14 @@ class ImageSet:
     def __len__(self) -> int: return len(self.labels)
 
     @property
-    def n_classes(self) -> int: return len(self.classes)
+    def n_classes(self) -> int:
+        "The number of classes."
+        return len(self.classes)
 
-    def subset(self, idx) -> ImageSet:
+    def subset(self, idx: torch.Tensor | np.ndarray | list[int] | range) -> ImageSet:
         "The examples at positions `idx`."
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source)
 
     def __repr__(self) -> str:
         return (f"ImageSet({len(self)} images of shape {tuple(self.images.shape[1:])}, "
@@ -86,7 +89,7 @@ def load_digits_set(test_fraction: float = 0.25, seed: int = 0) -> tuple[ImageSe
     tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction,
                               stratify=d.target, random_state=seed)
     classes = [str(i) for i in range(10)]
-    full = ImageSet(images, labels, classes)
+    full = ImageSet(images, labels, classes, "scikit-learn digits")
     return full.subset(np.sort(tr)), full.subset(np.sort(te))
 
 # %% ../nbs/toolkit/data.ipynb #c012
@@ -107,7 +110,7 @@ def make_synthetic(n_per_class: int = 100, n_classes: int = 4, channels: int = 3
     x = torch.stack([torch.roll(xi, tuple(s.tolist()), dims=(1, 2)) for xi, s in zip(x, shifts)])
     images = ((x.clamp(-1.5, 1.5) + 1.5) / 3 * 255).round().to(torch.uint8)
     perm = torch.randperm(len(labels), generator=g)
-    return ImageSet(images[perm], labels[perm], [f"class{i}" for i in range(n_classes)])
+    return ImageSet(images[perm], labels[perm], [f"class{i}" for i in range(n_classes)], "synthetic")
 
 # %% ../nbs/toolkit/data.ipynb #c015
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -134,28 +137,38 @@ def _decode_folder(root: Path) -> ImageSet:
         raise ValueError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; "
                          "resize them to one size first.")
     return ImageSet(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
-                    [c.name for c in classes])
+                    [c.name for c in classes], f"image folder {root}")
 
 def _cache_path(root: Path) -> Path:
     writable = os.access(root.parent, os.W_OK)
     key = str(root.resolve()).strip("/").replace("/", "_")
     return root.with_name(root.name + ".npz") if writable else CACHE_DIR / f"{key}.npz"
 
+def _folder_state(root: Path) -> np.ndarray:
+    "Newest modification time of the root and its class folders, and the number of image files."
+    dirs = [root] + _class_folders(root)
+    n_files = sum(1 for d in dirs[1:] for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    return np.array([max(d.stat().st_mtime for d in dirs), n_files])
+
 def read_image_folder(root: str | Path, cache: bool = True) -> ImageSet:
     "Read root/<class>/<image> into an `ImageSet`, caching the decoded arrays in an .npz file."
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist.")
-    path = _cache_path(root)
-    if cache and path.exists() and path.stat().st_mtime >= root.stat().st_mtime:
+    path, state = _cache_path(root), _folder_state(root)
+    if cache and path.exists():
         z = np.load(path)
-        return ImageSet(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), list(z["classes"]))
+        # the cache is stale when a file was added or removed (that changes a folder's time and the count)
+        if "state" in z and z["state"][1] == state[1] and z["state"][0] <= path.stat().st_mtime:
+            return ImageSet(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), list(z["classes"]),
+                            str(z["source"]))
     s = _decode_folder(root)
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, images=s.images.numpy(), labels=s.labels.numpy(), classes=np.array(s.classes))
+            np.savez(tmp, images=s.images.numpy(), labels=s.labels.numpy(), classes=np.array(s.classes),
+                     source=np.array(s.source), state=state)
             os.replace(tmp, path)
         except OSError:
             pass                      # a read-only place: decode again next time
@@ -170,10 +183,16 @@ def load_folder(root: str | Path, test_fraction: float = 0.2, seed: int = 0) -> 
         if train.classes != test.classes:
             raise ValueError(f"train/ and test/ under {root} have different class folders.")
         return train, test
+    if not 0 < test_fraction < 1: raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
     full = read_image_folder(root)
-    n_test = int(round(test_fraction * len(full)))
-    s = split(full.labels, n_labeled=n_test, seed=seed)
-    return full.subset(s.unlabeled.sort().values), full.subset(s.labeled.sort().values)
+    counts = full.labels.bincount(minlength=full.n_classes)
+    if counts.min() < 2:
+        raise ValueError(f"class {full.classes[int(counts.argmin())]!r} has fewer than 2 images; a train/test "
+                         "split needs at least 2 per class (or give root/train and root/test folders).")
+    from sklearn.model_selection import train_test_split   # proportional stratification: class shares are kept
+    tr, te = train_test_split(np.arange(len(full)), test_size=test_fraction, stratify=full.labels.numpy(),
+                              random_state=seed)
+    return full.subset(np.sort(tr)), full.subset(np.sort(te))
 
 # %% ../nbs/toolkit/data.ipynb #c018
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -194,6 +213,8 @@ def load_cifar10(root: str | Path | None = None, download: bool = True) -> tuple
         train, test = load_folder(folder)
         if train.classes != CIFAR10_CLASSES:
             raise ValueError(f"{folder} does not hold the ten CIFAR-10 class folders {CIFAR10_CLASSES}.")
+        jpeg = any(f.suffix.lower() in (".jpg", ".jpeg") for f in (folder / "train" / "airplane").iterdir())
+        train.source = test.source = "CIFAR-10 (JPEG mirror)" if jpeg else f"CIFAR-10 (image folder {folder})"
         return train, test
     from torchvision.datasets import CIFAR10
     tv_root = root or CACHE_DIR
@@ -206,7 +227,7 @@ def load_cifar10(root: str | Path | None = None, download: bool = True) -> tuple
     for train in (True, False):
         ds = CIFAR10(str(tv_root), train=train, download=download and not present)
         sets.append(ImageSet(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                             torch.tensor(ds.targets), list(ds.classes)))
+                             torch.tensor(ds.targets), list(ds.classes), "CIFAR-10"))
     return sets[0], sets[1]
 
 # %% ../nbs/toolkit/data.ipynb #c019
@@ -242,9 +263,12 @@ def _per_class(total: int, n_classes: int, rng: np.random.Generator) -> np.ndarr
     counts[rng.permutation(n_classes)[: total % n_classes]] += 1
     return counts
 
-def split(labels, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0, seed: int = 0) -> Split:
+def split(labels: torch.Tensor, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0, seed: int = 0) -> Split:
     "Stratified, seeded, disjoint labeled / unlabeled / validation indices; the unlabeled set is the rest by default."
-    labels = check_labels(labels)
+    labels = check_labels(labels).cpu()
+    for name, v in (("n_labeled", n_labeled), ("n_val", n_val), ("n_unlabeled", n_unlabeled)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise ValueError(f"{name} must be an integer, got {v!r}.")
     n, classes = len(labels), torch.unique(labels).tolist()
     k = len(classes)
     if n_labeled < k:
@@ -273,9 +297,11 @@ def split(labels, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0
                              "labeled and validation sets; ask for fewer.")
         # a stratified subsample of the rest: shuffle within classes, then take proportionally
         from sklearn.model_selection import train_test_split
-        if 0 < n_unlabeled < len(rest):
+        if len(np.unique(y[rest])) <= n_unlabeled < len(rest):
             rest, _ = train_test_split(rest, train_size=n_unlabeled, stratify=y[rest],
                                        random_state=int(rng.integers(2**31)))
+        elif 0 < n_unlabeled < len(rest):         # fewer than one per class: stratifying is impossible
+            rest = rng.permutation(rest)[:n_unlabeled]
         elif n_unlabeled == 0:
             rest = rest[:0]
     t = lambda parts: torch.from_numpy(np.sort(np.concatenate(parts) if isinstance(parts, list) else parts))
@@ -284,7 +310,7 @@ def split(labels, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0
 # %% ../nbs/toolkit/data.ipynb #c025
 class StepSampler:
     "Index batches from `indices`, reshuffled every epoch; `batch(t)` depends only on (seed, t)."
-    def __init__(self, indices, batch_size: int, seed: int = 0):
+    def __init__(self, indices: torch.Tensor, batch_size: int, seed: int = 0):
         self.indices = torch.as_tensor(indices, dtype=torch.long)
         if len(self.indices) == 0: raise ValueError("StepSampler needs at least one index.")
         if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -309,8 +335,10 @@ class StepSampler:
 
 # %% ../nbs/toolkit/data.ipynb #c028
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    "uint8 images to float32 in [0, 1]."
-    return images.float().div_(255)
+    "uint8 images to float32 in [0, 1] (a new tensor)."
+    if images.dtype != torch.uint8:
+        raise ValueError(f"to_unit takes uint8 images, got {images.dtype}.")
+    return images.float().div_(255)              # .float() copies a uint8 tensor, so the input is untouched
 
 def default_device() -> torch.device:
     "CUDA if present, else Apple's MPS, else the CPU."

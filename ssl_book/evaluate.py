@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .data import ImageSet, check_images, check_labels
+from .data import ImageSet, check_images, check_labels, to_unit
 
 # %% auto #0
 __all__ = ['predict', 'accuracy', 'confusion_matrix', 'per_class_accuracy', 'expected_calibration_error', 'plot_confusion',
@@ -17,7 +17,7 @@ __all__ = ['predict', 'accuracy', 'confusion_matrix', 'per_class_accuracy', 'exp
 
 # %% ../nbs/toolkit/evaluate.ipynb #c004
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device=None,
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device: torch.device | str | None = None,
             fn=None) -> torch.Tensor:
     "Outputs of `fn(model, x)` (default: the logits) for uint8 images, in eval mode; returned on the CPU."
     check_images(images)
@@ -25,7 +25,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, devi
     was_training = model.training
     model.eval()
     try:
-        outs = [(fn or (lambda m, x: m(x)))(model, images[i:i + batch_size].to(device).float().div(255)).float().cpu()
+        outs = [(fn or (lambda m, x: m(x)))(model, to_unit(images[i:i + batch_size].to(device))).float().cpu()
                 for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
@@ -51,6 +51,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     "ECE with `n_bins` equal-width confidence bins over (0, 1]."
     if probs.ndim != 2: raise ValueError(f"probs must be [N, C], got shape {tuple(probs.shape)}.")
     labels = check_labels(labels, probs.shape[1])
+    if len(labels) != len(probs): raise ValueError(f"{len(probs)} probability rows but {len(labels)} labels.")
     conf, pred = probs.max(1)
     correct = (pred == labels).float()
     bins = torch.clamp((conf * n_bins).ceil().long() - 1, 0, n_bins - 1)
@@ -87,6 +88,8 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError("features must be [N, D] matrices with the same D.")
     if not 1 <= k <= len(train_features): raise ValueError(f"k must be in 1..{len(train_features)}, got {k}.")
     train_labels, test_labels = check_labels(train_labels), check_labels(test_labels)
+    if len(train_labels) != len(train_features) or len(test_labels) != len(test_features):
+        raise ValueError("each feature matrix needs one label per row.")
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     a, b = F.normalize(train_features.float(), dim=1), F.normalize(test_features.float(), dim=1)
     preds = []

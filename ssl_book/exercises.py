@@ -34,8 +34,13 @@ def strip_solutions(source: str, code: bool = True) -> str:
 __all__ = ['BEGIN', 'END', 'strip_solutions', 'is_solution_cell', 'is_check_cell', 'make_student_copy', 'exercise_summary']
 
 # %% ../nbs/toolkit/exercises.ipynb #c005
-def is_solution_cell(cell) -> bool: return bool(cell.get("metadata", {}).get("nbgrader", {}).get("solution"))
-def is_check_cell(cell) -> bool: return bool(cell.get("metadata", {}).get("nbgrader", {}).get("grade"))
+def is_solution_cell(cell: dict) -> bool:
+    "True for a cell that nbgrader marks as a solution."
+    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("solution"))
+
+def is_check_cell(cell: dict) -> bool:
+    "True for a graded cell (a check cell, or a graded written answer)."
+    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("grade"))
 
 def make_student_copy(notebook: str | Path, out_dir: str | Path) -> Path:
     "Write the student copy of `notebook` into `out_dir` (same file name) and return its path."
@@ -46,8 +51,9 @@ def make_student_copy(notebook: str | Path, out_dir: str | Path) -> Path:
     for cell in nb.cells:
         if BEGIN in cell.source:
             cell.source = strip_solutions(cell.source, code=cell.cell_type == "code")
-            if cell.cell_type == "code": cell.outputs, cell.execution_count = [], None
             n += 1
+        if cell.cell_type == "code" and (BEGIN in cell.source or is_solution_cell(cell) or is_check_cell(cell)):
+            cell.outputs, cell.execution_count = [], None   # no "correct" output before the student has worked
     if n == 0: raise ValueError(f"{notebook} has no '{BEGIN}' regions: nothing to hide.")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / notebook.name

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib, json, statistics
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from .data import ImageSet, load_dataset, split
-from .models import build_model, channel_stats
+from .models import Classifier, build_model, channel_stats
 from .presets import Preset, get_preset
 from .train import METHODS, fit
 
@@ -33,16 +34,17 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 # %% ../nbs/toolkit/experiment.ipynb #c005
-def make_model(preset: Preset, train: ImageSet, seed: int = 0):
+def make_model(preset: Preset, train: ImageSet, seed: int = 0) -> Classifier:
     "The preset's model for `train`'s channels and classes, initialised from `seed`."
     torch.manual_seed(seed)
     mean, std = channel_stats(train.images)
     return build_model(preset.model, in_channels=train.images.shape[1], n_classes=train.n_classes,
                        mean=mean, std=std, **preset.model_kwargs)
 
-def run_experiment(preset: Preset | str | None = None, methods=("supervised",), labels=None, seeds=(0,),
+def run_experiment(preset: Preset | str | None = None, methods: Sequence[str] = ("supervised",),
+                   labels: Sequence[int | None] | None = None, seeds: Sequence[int] = (0,),
                    data: tuple[ImageSet, ImageSet] | str | None = None, progress: bool = False,
-                   device=None) -> list[dict]:
+                   device: torch.device | str | None = None) -> list[dict]:
     "Train each method for each label count and seed on the same split; one result dict per run."
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     known = available_methods()

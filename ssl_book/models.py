@@ -16,12 +16,18 @@ __all__ = ['MODELS', 'Normalize', 'Classifier', 'channel_stats', 'conv_bn', 'sma
 
 # %% ../nbs/toolkit/models.ipynb #c004
 class Normalize(nn.Module):
-    "Subtract per-channel means and divide by standard deviations (kept as buffers)."
-    def __init__(self, mean, std):
+    "Subtract per-channel means and divide by standard deviations (kept as buffers); defaults 0.5 and 0.25."
+    def __init__(self, channels: int, mean=None, std=None):
         super().__init__()
+        mean = [0.5] * channels if mean is None else mean
+        std = [0.25] * channels if std is None else std
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float).reshape(1, -1, 1, 1))
-    def forward(self, x): return (x - self.mean) / self.std
+        if self.mean.numel() != channels or self.std.numel() != channels:
+            raise ValueError(f"mean and std need one value per channel ({channels}).")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "Normalised images."
+        return (x - self.mean) / self.std
 
 class Classifier(nn.Module):
     "An encoder (images -> features of size `feature_dim`) followed by a linear head."
@@ -30,8 +36,12 @@ class Classifier(nn.Module):
         self.encoder, self.feature_dim = encoder, feature_dim
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, n_classes)
-    def features(self, x: torch.Tensor) -> torch.Tensor: return self.encoder(x)
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.head(self.dropout(self.encoder(x)))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        "The encoder's features of float images in [0, 1]."
+        return self.encoder(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "Logits of float images in [0, 1]."
+        return self.head(self.dropout(self.encoder(x)))
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     "Per-channel mean and std of uint8 images [N, C, H, W], in [0, 1] units."
@@ -40,6 +50,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 # %% ../nbs/toolkit/models.ipynb #c006
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    "3x3 convolution, BatchNorm, ReLU."
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 def small_cnn(in_channels: int = 3, n_classes: int = 10, width: int = 32, dropout: float = 0.0,
@@ -47,7 +58,7 @@ def small_cnn(in_channels: int = 3, n_classes: int = 10, width: int = 32, dropou
     "Five conv-BN-ReLU layers (w, w, 2w, 2w, 4w channels), two max-pools, global average pooling."
     w = width
     encoder = nn.Sequential(
-        Normalize(mean or [0.5] * in_channels, std or [0.25] * in_channels),
+        Normalize(in_channels, mean, std),
         conv_bn(in_channels, w), conv_bn(w, w), nn.MaxPool2d(2),
         conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
         conv_bn(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -76,7 +87,7 @@ def wide_resnet(depth: int = 28, widen: int = 2, in_channels: int = 3, n_classes
     if (depth - 4) % 6: raise ValueError(f"WRN depth must be 6n + 4 (e.g. 28), got {depth}.")
     n = (depth - 4) // 6
     ch = [16, 16 * widen, 32 * widen, 64 * widen]
-    layers = [Normalize(mean or [0.5] * in_channels, std or [0.25] * in_channels),
+    layers = [Normalize(in_channels, mean, std),
               nn.Conv2d(in_channels, ch[0], 3, 1, 1, bias=False)]
     for stage in range(3):
         for i in range(n):
@@ -96,7 +107,7 @@ def resnet18_cifar(in_channels: int = 3, n_classes: int = 10, dropout: float = 0
     from torchvision.models import resnet18
     r = resnet18(num_classes=n_classes)
     r.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-    encoder = nn.Sequential(Normalize(mean or [0.5] * in_channels, std or [0.25] * in_channels),
+    encoder = nn.Sequential(Normalize(in_channels, mean, std),
                             r.conv1, r.bn1, r.relu, r.layer1, r.layer2, r.layer3, r.layer4,
                             r.avgpool, nn.Flatten())
     return Classifier(encoder, 512, n_classes, dropout)

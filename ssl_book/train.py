@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy, math, os, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -68,7 +68,7 @@ class Method:
 # %% ../nbs/toolkit/train.ipynb #c007
 METHODS: dict[str, Callable[..., Method]] = {}
 
-def register_method(name: str, factory: Callable[..., Method] | None = None):
+def register_method(name: str, factory: Callable[..., Method] | None = None) -> Callable:
     "Make `factory(model, preset) -> Method` available under `name`; usable as a decorator."
     def deco(f):
         METHODS[name] = f
@@ -112,9 +112,12 @@ class FitConfig:
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.mu < 0:
             raise ValueError("steps, batch_size and eval_every must be >= 1 and mu >= 0.")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if not self.lr > 0 or self.warmup < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0, and warmup and weight_decay >= 0.")
+        if not 0 <= self.pad_frac < 0.5: raise ValueError(f"pad_frac must be in [0, 0.5), got {self.pad_frac}.")
 
 # %% ../nbs/toolkit/train.ipynb #c013
-def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
     "SGD with Nesterov momentum or Adam; weight decay on tensors with more than one dimension only."
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
@@ -142,11 +145,15 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
 class History:
     "Rows of logged scalars, one per evaluation; `h['test_acc']` is a column."
     def __init__(self, rows: list[dict] | None = None): self.rows = list(rows or [])
-    def append(self, row: dict) -> None: self.rows.append(row)
+    def append(self, row: dict) -> None:
+        "Add one evaluation's row."
+        self.rows.append(row)
     def __getitem__(self, key: str) -> list: return [r.get(key, float("nan")) for r in self.rows]
     def __len__(self) -> int: return len(self.rows)
     @property
-    def final(self) -> dict: return self.rows[-1] if self.rows else {}
+    def final(self) -> dict:
+        "The last row (empty before the first evaluation)."
+        return self.rows[-1] if self.rows else {}
     def __repr__(self) -> str: return f"History({len(self)} rows; final: {self.final})"
 
     def plot(self, keys: tuple[str, ...] = ("loss", "test_acc"), axes=None, label: str | None = None):
@@ -169,25 +176,47 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     torch.save(state, tmp)
     os.replace(tmp, path)
 
-def load_checkpoint(path: str | Path, device=None) -> dict:
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> dict:
     "Load a checkpoint with weights_only=True (tensors and plain Python values only)."
     return torch.load(path, map_location=device or "cpu", weights_only=True)
 
 # %% ../nbs/toolkit/train.ipynb #c021
 def step_seed(seed: int, step: int) -> int:
-    "A per-step seed; distinct (seed, step) pairs give distinct seeds."
+    "A per-step seed. Pairs with seeds below 7,919 never collide (1,000,003 and 7,919 are primes)."
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 class NonFiniteLossError(ValueError):
     "The loss became NaN or infinite."
 
 # %% ../nbs/toolkit/train.ipynb #c023
-def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None = None,
-        device=None, checkpoint: str | Path | None = None, progress: bool = True) -> History:
-    "Train `method` on `train` restricted to `split`; evaluate (and checkpoint) every cfg.eval_every steps."
-    device = torch.device(device) if device is not None else default_device()
+def _check_fit_inputs(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None) -> None:
+    "Clear errors for the mistakes that would otherwise surface deep inside torch."
+    if len(split.labeled) == 0: raise ValueError("the split has no labeled examples.")
+    for name in ("labeled", "unlabeled"):
+        idx = getattr(split, name)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(train)):
+            raise ValueError(f"split.{name} has indices outside 0..{len(train) - 1}; was it made for another data set?")
     if method.uses_unlabeled and (cfg.mu < 1 or len(split.unlabeled) == 0):
         raise ValueError(f"{method.name} needs unlabeled data: set mu >= 1 and give the split unlabeled indices.")
+    head = getattr(method.model, "head", None)
+    if isinstance(head, nn.Linear) and head.out_features != train.n_classes:
+        raise ValueError(f"the model predicts {head.out_features} classes but the data have {train.n_classes}.")
+    if test is not None and test.images.shape[1:] != train.images.shape[1:]:
+        raise ValueError(f"test images are {tuple(test.images.shape[1:])}, train images {tuple(train.images.shape[1:])}.")
+
+def _run_identity(method: Method, train: ImageSet, split: Split, cfg: FitConfig) -> dict:
+    "What must match for a checkpoint to be resumed: method, data size, split and FitConfig."
+    digest = lambda t: int((t.long() * torch.arange(1, len(t) + 1)).sum()) if len(t) else 0
+    return {"method": method.name, "n_train": len(train), "labeled": digest(split.labeled),
+            "unlabeled": digest(split.unlabeled), "config": asdict(cfg)}
+
+# %% ../nbs/toolkit/train.ipynb #c025
+def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None = None,
+        device: torch.device | str | None = None, checkpoint: str | Path | None = None,
+        progress: bool = True) -> History:
+    "Train `method` on `train` restricted to `split`; evaluate (and checkpoint) every cfg.eval_every steps."
+    device = torch.device(device) if device is not None else default_device()
+    _check_fit_inputs(method, train, split, cfg, test)
     model = method.model.to(device)
     if device.type == "cuda": model.to(memory_format=torch.channels_last)
     images, labels = train.images.to(device), train.labels.to(device)
@@ -196,18 +225,20 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     opt = make_optimizer(method.parameters(), cfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
     history, start, elapsed = History(), 0, 0.0
+    run = _run_identity(method, train, split, cfg)
 
     if checkpoint is not None and Path(checkpoint).exists():                      # resume
         state = load_checkpoint(checkpoint, device)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{checkpoint} was written with a different FitConfig; delete it or use another path.")
+        if state["run"] != run:
+            raise ValueError(f"{checkpoint} belongs to another run (method, data, split or FitConfig differ); "
+                             "delete it or use another path.")
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         if ema is not None: ema.load_state_dict(state["ema"])
         history, start, elapsed = History(state["history"]), state["step"], state["elapsed"]
 
     def save(step: int):
-        save_checkpoint(checkpoint, {"step": step, "config": asdict(cfg), "model": model.state_dict(),
+        save_checkpoint(checkpoint, {"step": step, "run": run, "model": model.state_dict(),
                                      "optimizer": opt.state_dict(), "method": method.state_dict(),
                                      "ema": ema.state_dict() if ema is not None else None,
                                      "history": history.rows, "elapsed": elapsed})
@@ -228,7 +259,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
         model.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, logs = method.training_step(batch)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):                                              # (a device sync, worth it)
             raise NonFiniteLossError(f"the loss is {loss.item()} at step {step} (learning rate {lr:.4g}). "
                                      "Lower the learning rate, add warm-up, or check the data for NaNs.")
         opt.zero_grad(set_to_none=True)
@@ -236,8 +267,8 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
         opt.step()
         method.after_step(step)
         if ema is not None: ema_update(ema, model, cfg.ema_decay)
-        for k, v in {"loss": loss, **logs}.items():                               # summed on the device: no sync
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        for k, v in {"loss": loss, **logs}.items():                               # summed on the device
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float()
         count += 1
 
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

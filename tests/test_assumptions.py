@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from sklearn.semi_supervised import LabelPropagation, LabelSpreading
 
-from ssl_book.assumptions import (entropy, graph_affinity, graph_predict, label_propagation, label_spreading,
-                                  neighbour_purity, propagation_step, smoothness_gap, spreading_matrix)
+from ssl_book.assumptions import (class_mismatch_curve, compare_on_digits, entropy, graph_affinity, graph_geodesics,
+                                  graph_predict, label_propagation, label_spreading, neighbour_purity, propagation_step,
+                                  smoothness_gap, spreading_matrix)
 
 def _data(seed, n=80, d=3, k=3, n_lab=9):
     rng = np.random.default_rng(seed)
@@ -97,6 +98,26 @@ def test_smoothness_gap_constant_vs_jumpy():
     assert smoothness_gap(const, X, 0.1) == 0
     assert smoothness_gap(stripes, X, 0.1) > 0.3
     with pytest.raises(ValueError): smoothness_gap(const, X, -1)
+
+def test_graph_geodesics_follow_a_curve():
+    t = np.linspace(0, 3 * np.pi, 300)
+    X = np.c_[np.cos(t), np.sin(t), 0.1 * t]                              # a helix: arc length is known
+    geo = graph_geodesics(X, 0, n_neighbors=4)
+    arc = t * np.sqrt(1 + 0.01)
+    assert np.allclose(geo, arc, rtol=0.02, atol=0.02)
+
+def test_class_mismatch_curve_small_and_bad_pool():
+    out = class_mismatch_curve(shares=(0.0, 1.0), seeds=(0,), pool=100)
+    assert len(out["spreading"]) == 2 and out["spreading"][0][1] == 0.0   # one seed: std 0, not NaN
+    assert out["spreading"][1][0] < out["spreading"][0][0]                 # foreign digits hurt
+    with pytest.raises(ValueError, match="pool must be"):
+        class_mismatch_curve(pool=10_000)
+
+def test_label_spreading_beats_supervised_on_digits():
+    "The chapter's learning claim: with 10 labels per class, the graph beats 1-NN and logistic regression."
+    res = compare_on_digits(seeds=(0, 1))
+    ours = np.mean(res["label spreading (kNN graph)"])
+    assert ours > np.mean(res["1-NN"]) + 0.02 and ours > np.mean(res["logistic regression"]) + 0.02
 
 def test_neighbour_purity_extremes():
     X = np.concatenate([np.zeros((10, 2)), np.full((10, 2), 100.0)]) + np.random.default_rng(0).normal(size=(20, 2))

@@ -38,11 +38,15 @@ def test_same_seed_same_output_other_seed_differs():
     assert torch.equal(strong_augment(x, g(3)), strong_augment(x, g(3)))
     assert not torch.equal(strong_augment(x, g(3)), strong_augment(x, g(4)))
 
-def test_strong_is_per_image():
-    "A batch of identical images gets (almost) all different strong views: parameters are per image."
-    x = _batch(1).expand(64, -1, -1, -1).contiguous()
-    y = strong_augment(x, g()).reshape(64, -1)
-    assert len(torch.unique(y, dim=0)) >= 60
+def test_rand_augment_is_per_image():
+    "RandAugment alone (no translation, no cutout) gives a batch of identical images many different operations."
+    x = _batch(1).expand(256, -1, -1, -1).contiguous()
+    y = rand_augment(x, g(), n_ops=1).reshape(256, -1)
+    # per-image ops and magnitudes: ~190 distinct (autocontrast, equalize and identity ignore the magnitude);
+    # one op and magnitude for the whole batch would give 1
+    assert len(torch.unique(y, dim=0)) >= 150
+    same = [(y[i] == x[0].flatten()).all().item() for i in range(256)]
+    assert 0 < sum(same) < 60                              # identity (and zero magnitudes) leave a few unchanged
 
 def test_flip_oracle():
     x = _batch()
@@ -68,8 +72,8 @@ def test_posterize_matches_pil():
 
 def test_solarize_matches_pil():
     x = _batch(2)
-    t = 128.5 / 255                                                      # PIL: invert pixels >= 129
-    ours = RANDAUGMENT_OPS["solarize"](x, torch.full((2,), 1 - t))
+    v = 1 - 128.5 / 256                                                  # threshold level 128.5: invert >= 129
+    ours = RANDAUGMENT_OPS["solarize"](x, torch.full((2,), v))
     for i in range(2):
         assert torch.allclose(ours[i], _from_pil(ImageOps.solarize(_pil(x[i]), 129)), atol=1e-6)
 
@@ -89,6 +93,16 @@ def test_equalize_is_monotone_and_spreads_values():
             order = a.argsort()
             assert (b[order].diff() >= -1e-6).all()                       # order preserving
             assert b.max() - b.min() > 0.9                                # stretched to ~[0, 1]
+
+def test_equalize_and_solarize_leave_flat_and_white_images():
+    flat = torch.full((2, 3, 8, 8), 0.4)
+    assert torch.equal(RANDAUGMENT_OPS["equalize"](flat, torch.zeros(2)), flat)       # as PIL does
+    white = torch.ones(1, 3, 4, 4)
+    assert torch.equal(RANDAUGMENT_OPS["solarize"](white, torch.zeros(1)), white)     # v = 0 is the identity
+
+def test_translation_larger_than_the_image_is_an_error():
+    with pytest.raises(ValueError, match="lower pad_frac"):
+        random_translate(_batch(2, s=4), g(), pad=4)
 
 def test_translate_x_shifts_content():
     x = torch.rand(1, 1, 10, 10)

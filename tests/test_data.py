@@ -87,12 +87,36 @@ def test_folder_without_split_is_split_stratified(tmp_path):
     train, test = load_dataset("folder", root=tmp_path)
     assert len(test) == 4 and test.labels.bincount().tolist() == [2, 2] and len(train) == 16
 
+def test_folder_split_keeps_class_shares_when_imbalanced(tmp_path):
+    _write_folder(tmp_path / "big", ["many"], 40)
+    _write_folder(tmp_path / "small", ["few"], 5)
+    (tmp_path / "big" / "many").rename(tmp_path / "many"); (tmp_path / "small" / "few").rename(tmp_path / "few")
+    (tmp_path / "big").rmdir(); (tmp_path / "small").rmdir()
+    train, test = load_dataset("folder", root=tmp_path)
+    assert train.labels.bincount().tolist() == [4, 32] and test.labels.bincount().tolist() == [1, 8]
+
+def test_folder_cache_notices_added_files(tmp_path):
+    _write_folder(tmp_path / "imgs", ["a", "b"], 2)
+    assert len(read_image_folder(tmp_path / "imgs")) == 4
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "imgs" / "a" / "new.png")
+    assert len(read_image_folder(tmp_path / "imgs")) == 5                 # not the stale cache
+
 def test_cifar_layout_folder_is_found(tmp_path, monkeypatch):
     from ssl_book.data import CIFAR10_CLASSES
     for part in ("train", "test"): _write_folder(tmp_path / "cifar10-jpeg" / part, CIFAR10_CLASSES, 1, size=4)
     monkeypatch.setenv("SSL_BOOK_DATA", str(tmp_path))
     train, test = load_dataset("cifar10", download=False)
     assert train.classes == CIFAR10_CLASSES and len(train) == 10 and train.images.shape[1:] == (3, 4, 4)
+
+def test_sources_name_the_data(digits):
+    assert digits[0].source == "scikit-learn digits" and digits[0].subset([0, 1]).source == "scikit-learn digits"
+    assert make_synthetic().source == "synthetic"
+
+def test_to_unit_copies_and_checks():
+    from ssl_book.data import to_unit
+    u = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
+    assert torch.equal(to_unit(u), torch.ones(1, 1, 2, 2)) and u.dtype == torch.uint8
+    with pytest.raises(ValueError, match="uint8"): to_unit(torch.ones(1, 1, 2, 2))
 
 def test_synthetic_is_learnable_signal():
     s = make_synthetic(n_per_class=50, n_classes=3)
@@ -132,6 +156,10 @@ def test_split_n_unlabeled_is_stratified_subsample(digits):
     share = y[s.unlabeled].bincount().float() / 500
     assert (share - y.bincount().float() / len(y)).abs().max() < 0.01
 
+def test_split_tiny_unlabeled_set(digits):
+    s = split(digits[0].labels, 20, n_unlabeled=3, seed=0)               # fewer than one per class
+    assert len(s.unlabeled) == 3 and not set(s.unlabeled.tolist()) & set(s.labeled.tolist())
+
 def test_split_all_labels(digits):
     y = digits[0].labels
     s = split(y, len(y), seed=0)
@@ -143,6 +171,7 @@ def test_split_all_labels(digits):
     (dict(n_labeled=1340), "examples but"),                              # an even share too big for a class
     (dict(n_labeled=20, n_unlabeled=5000), "n_unlabeled"),
     (dict(n_labeled=20, n_val=-1), ">= 0"),
+    (dict(n_labeled=20.0), "integer"),
 ])
 def test_split_impossible_sizes(digits, kwargs, msg):
     with pytest.raises(ValueError, match=msg):

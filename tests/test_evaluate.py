@@ -35,6 +35,8 @@ def test_ece_zero_for_perfectly_calibrated_and_bad_input():
     assert expected_calibration_error(probs, torch.tensor([1, 0])) == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         expected_calibration_error(torch.rand(4), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="3 probability rows but 2 labels"):
+        expected_calibration_error(torch.rand(3, 2), torch.tensor([0, 1]))
 
 def test_confusion_and_per_class_against_sklearn():
     rng = np.random.default_rng(1)
@@ -58,6 +60,8 @@ def test_knn_matches_sklearn():
     assert ours > 0.6
     with pytest.raises(ValueError, match="k must be"):
         knn_accuracy(ftr, ytr, fte, yte, k=0)
+    with pytest.raises(ValueError, match="one label per row"):
+        knn_accuracy(ftr, ytr[:-1], fte, yte, k=5)
 
 def test_predict_restores_training_mode():
     m = small_cnn(width=4, n_classes=4).train()

@@ -22,6 +22,19 @@ def test_unbalanced_markers_are_errors(src):
     with pytest.raises(ValueError):
         strip_solutions(src)
 
+def test_student_copy_clears_exercise_outputs(tmp_path):
+    meta_sol = {"nbgrader": {"solution": True, "grade": False, "grade_id": "s", "locked": False}}
+    meta_chk = {"nbgrader": {"solution": False, "grade": True, "grade_id": "c", "locked": True, "points": 1}}
+    out = [nbformat.v4.new_output("stream", name="stdout", text="correct\n")]
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("print('setup')", outputs=list(out)),
+        nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION", metadata=meta_sol, outputs=list(out)),
+        nbformat.v4.new_code_cell("assert f() == 1; print('correct')", metadata=meta_chk, outputs=list(out))])
+    nbformat.write(nb, tmp_path / "ex.ipynb")
+    cells = nbformat.read(make_student_copy(tmp_path / "ex.ipynb", tmp_path / "out"), as_version=4).cells
+    assert cells[0].outputs and not cells[1].outputs and not cells[2].outputs
+    assert "raise NotImplementedError()" in cells[1].source and cells[2].metadata["nbgrader"]["locked"]
+
 def test_notebook_without_solutions_is_an_error(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
     nbformat.write(nb, tmp_path / "a.ipynb")

@@ -1,4 +1,5 @@
 "ssl_book.models: shapes, parameter counts, the encoder/head split, bad names."
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,12 @@ def test_normalisation_is_part_of_the_model():
     z = m.encoder[0](images.float() / 255)
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(z.transpose(0, 1).reshape(3, -1).std(1), torch.ones(3), atol=1e-4)
+
+def test_mean_std_as_tensors_and_wrong_length():
+    m = build_model("cnn", width=4, mean=torch.tensor([0.1, 0.2, 0.3]), std=np.array([0.2, 0.2, 0.2]))
+    assert m(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="one value per channel"):
+        build_model("cnn", width=4, mean=[0.5, 0.5])
 
 def test_bad_names():
     with pytest.raises(ValueError, match="cnn, wrn28_2, resnet18"):

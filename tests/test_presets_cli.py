@@ -1,6 +1,7 @@
 "Presets, the experiment runner and the ssl-book command."
 import json
 import subprocess, sys
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,22 @@ def test_bench_unknown_method_is_a_clear_error(capsys):
 def test_registered_methods_include_supervised():
     assert "supervised" in available_methods()
 
-def test_console_script_help():
-    r = subprocess.run([sys.executable, "-c", "import sys; from ssl_book.cli import main; sys.exit(main(['--help']))"],
-                       capture_output=True, text=True)
+def test_installed_console_script():
+    exe = Path(sys.executable).with_name("ssl-book")
+    assert exe.exists(), "the ssl-book console script is not installed next to this Python"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "bench" in r.stdout and "student" in r.stdout
+    r = subprocess.run([str(exe), "bench", "--preset", "tiny", "--steps", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "steps" in r.stderr                       # a clear error, not a traceback
+
+def test_bench_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    rc = main(["bench", "--preset", "tiny", "--data", "folder", "--root", str(tmp_path / "data"), "--labels", "4",
+               "--steps", "5", "--out", str(tmp_path / "out")])
+    assert rc == 0 and "supervised" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 "ssl_book.train: determinism, checkpoint and resume, EMA, schedule, errors, and that training learns."
 import math
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -67,15 +68,53 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path):
     save_checkpoint(p, {"step": 2, "w": torch.zeros(2)})
     assert load_checkpoint(p)["step"] == 2 and not list(tmp_path.glob("*.tmp"))
     torch.save({"obj": nn.Linear(1, 1)}, tmp_path / "unsafe.pt")          # a pickled module
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         load_checkpoint(tmp_path / "unsafe.pt")                           # refused by weights_only=True
 
 def test_resume_with_other_config_is_refused(digits, tmp_path):
     m, train, test, s = _setup(digits)
     ck = tmp_path / "c.pt"
     fit(Supervised(m), train, s, replace(CFG, steps=8), checkpoint=ck, progress=False, device="cpu")
-    with pytest.raises(ValueError, match="different FitConfig"):
+    with pytest.raises(ValueError, match="another run"):
         fit(Supervised(m), train, s, replace(CFG, lr=0.1), checkpoint=ck, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="another run"):                 # same config, another split
+        fit(Supervised(m), train, split(train.labels, 50, seed=1), replace(CFG, steps=8), checkpoint=ck,
+            progress=False, device="cpu")
+
+class _WithUnlabeled(Supervised):
+    "Uses the unlabeled batch (a mean-prediction penalty), so resume must also restore the unlabeled stream."
+    name = "with-unlabeled"
+    uses_unlabeled = True
+    def training_step(self, batch):
+        loss, logs = super().training_step(batch)
+        p = self.model(batch.aug.strong(batch.u)).softmax(1)
+        return loss + 0.1 * (p.mean(0) ** 2).sum(), {**logs, "n_u": float(len(batch.u))}
+
+def test_resume_with_unlabeled_stream_is_bit_exact(digits, tmp_path):
+    cfg = replace(CFG, mu=2)
+    ref, train, test, s = _setup(digits, dropout=0.3)
+    fit(_WithUnlabeled(ref), train, s, cfg, progress=False, device="cpu")
+    m, *_ = _setup(digits, dropout=0.3)
+    class Crash(_WithUnlabeled):
+        def training_step(self, batch):
+            if batch.step == 19: raise KeyboardInterrupt
+            return super().training_step(batch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(Crash(m), train, s, cfg, checkpoint=tmp_path / "c.pt", progress=False, device="cpu")
+    m2, *_ = _setup(digits, dropout=0.3)
+    h = fit(_WithUnlabeled(m2), train, s, cfg, checkpoint=tmp_path / "c.pt", progress=False, device="cpu")
+    assert all(torch.equal(ref.state_dict()[k], m2.state_dict()[k]) for k in ref.state_dict())
+    assert h.final["n_u"] == 2 * cfg.batch_size                           # a Python float log is accepted
+
+def test_fit_rejects_mismatched_split_and_model(digits):
+    m, train, test, s = _setup(digits)
+    from ssl_book.data import Split
+    bad = Split(torch.tensor([0, 5000]), torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="outside 0..1346"):
+        fit(Supervised(m), train, bad, CFG, progress=False, device="cpu")
+    from ssl_book.models import small_cnn
+    with pytest.raises(ValueError, match="predicts 3 classes but the data have 10"):
+        fit(Supervised(small_cnn(in_channels=1, width=4, n_classes=3)), train, s, CFG, progress=False, device="cpu")
 
 def test_nan_loss_names_step_and_lr(digits):
     class NaNAt3(Supervised):
@@ -131,7 +170,7 @@ def test_weight_decay_only_on_weights(digits):
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 @pytest.mark.parametrize("kwargs", [dict(optimizer="lbfgs"), dict(steps=0), dict(ema_decay=1.0), dict(schedule="step"),
-                                    dict(mu=-1)])
+                                    dict(mu=-1), dict(lr=0.0), dict(warmup=-1), dict(pad_frac=0.5)])
 def test_fit_config_rejects(kwargs):
     with pytest.raises(ValueError):
         FitConfig(**kwargs)
