@@ -5,7 +5,8 @@ a confidence threshold, cross-entropy on the strong view) trained with the `cpu`
 FitConfig, next to the supervised baseline on the same split and seed. Chapter 3 builds FixMatch properly
 (`ssl_book.consistency`); this script exists so the preset's design rests on a measurement.
 
-Run: .venv/bin/python bench/preset_check.py   (needs CIFAR-10 locally or a download; about 20 minutes on 2 cores)
+Run: .venv/bin/python bench/preset_check.py [--mu 2] [--ssl-only]   (needs CIFAR-10 locally or --download;
+     about 30 minutes on 2 cores)
 """
 import sys
 from dataclasses import replace
@@ -38,13 +39,17 @@ class PseudoLabelOnStrongView(Method):
         correct = ((pseudo == batch.u_y).float() * mask).sum() / mask.sum().clamp_min(1)
         return F.cross_entropy(lx, batch.y) + self.lam * unsup, {"mask": mask.mean(), "pseudo_acc": correct}
 
+# Options: --mu N (unlabeled ratio; default: the preset's), --ssl-only (skip the baseline), --download.
+args = sys.argv[1:]
 preset = get_preset("cpu")
-train, test = load_dataset(preset.data, download="--download" in sys.argv)
+mu = int(args[args.index("--mu") + 1]) if "--mu" in args else preset.fit.mu
+train, test = load_dataset(preset.data, download="--download" in args)
 s = split(train.labels, preset.n_labeled, preset.n_unlabeled, seed=0)
-print(f"machine: {machine()}; {preset.describe()}; CIFAR-10 (JPEG mirror), seed 0")
+print(f"machine: {machine()}; {preset.describe()}; mu {mu}; {train.source}, seed 0")
 rows = {}
-for name, method in [("supervised", Supervised), ("fixmatch-check", PseudoLabelOnStrongView)]:
-    h = fit(method(make_model(preset, train, 0)), train, s, replace(preset.fit, seed=0), test, progress=False)
+methods = [("supervised", Supervised), ("fixmatch-check", PseudoLabelOnStrongView)]
+for name, method in methods[1:] if "--ssl-only" in args else methods:
+    h = fit(method(make_model(preset, train, 0)), train, s, replace(preset.fit, seed=0, mu=mu), test, progress=False)
     rows[name] = h
     for r in h.rows:
         extra = f"  mask {r['mask']:.2f}  pseudo acc {r['pseudo_acc']:.2f}" if "mask" in r else ""
