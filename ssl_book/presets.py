@@ -43,7 +43,7 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu", data="cifar10", model="cnn", model_kwargs={"width": 32},
         n_labeled=1000, n_unlabeled=20000, label_counts=(250, 1000, 4000, 5000, None),
-        fit=FitConfig(steps=2000, batch_size=64, mu=3, lr=0.05, weight_decay=5e-4, warmup=100, eval_every=250)),
+        fit=FitConfig(steps=2000, batch_size=64, mu=2, lr=0.05, weight_decay=5e-4, warmup=100, eval_every=250)),
     "gpu": Preset(
         name="gpu", data="cifar10", model="wrn28_2",
         n_labeled=4000, label_counts=(250, 1000, 4000, None),
