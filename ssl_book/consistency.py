@@ -7,12 +7,13 @@ Docs: https://ssl-book.github.io/ssl_book/consistency.html.md"""
 # %% ../nbs/03_consistency.ipynb #c006
 from __future__ import annotations
 import contextlib, copy, math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train import Batch, Method, ema_update, register_method
+from .train import Batch, History, Method, ema_update, register_method
 
 # %% auto #0
 __all__ = ['sigmoid_rampup', 'softmax_mse', 'bn_stats_frozen', 'PiModel', 'MeanTeacher', 'kl_from_logits', 'vat_perturbation',
@@ -35,21 +36,23 @@ def softmax_mse(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tens
 
 # %% ../nbs/03_consistency.ipynb #c014
 @contextlib.contextmanager
-def bn_stats_frozen(model: nn.Module):
+def bn_stats_frozen(model: nn.Module) -> Iterator[nn.Module]:
     "Inside the block, BatchNorm layers still normalise with batch statistics but do not update running ones."
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    # a snapshot, restored afterwards: this also undoes a NaN batch, and works for momentum=None (cumulative) layers
+    saved = [{k: getattr(m, k).clone() for k in names if getattr(m, k, None) is not None} for m in bns]
     try:
-        for m in bns: m.momentum = 0.0        # running = (1 - 0) * running + 0 * batch: unchanged
         yield model
     finally:
-        for m, (mom, n) in zip(bns, saved):
-            m.momentum = mom
-            if n is not None: m.num_batches_tracked.copy_(n)
+        # written through .data: BatchNorm's backward keeps a reference to its buffers (without using their values
+        # in training mode), so a visible in-place write would trip autograd's version check for an earlier pass
+        for m, state in zip(bns, saved):
+            for k, v in state.items(): getattr(m, k).data.copy_(v)
 
 # %% ../nbs/03_consistency.ipynb #c015
 def _set_dropout(model: nn.Module, p: float | None) -> None:
-    "Set the classifier head's dropout rate (None: keep the model's)."
+    "Set the classifier head's dropout rate, in place (None: keep the model's)."
     if p is None: return
     if not 0 <= p < 1: raise ValueError(f"dropout must be in [0, 1), got {p}.")
     if not isinstance(getattr(model, "dropout", None), nn.Dropout):
@@ -64,7 +67,7 @@ class PiModel(Method):
     def __init__(self, model: nn.Module, w_max: float = 30.0, rampup: int = 0, dropout: float | None = 0.2,
                  stop_gradient: bool = True):
         super().__init__(model)
-        if w_max < 0: raise ValueError(f"w_max must be >= 0, got {w_max}.")
+        if w_max < 0 or rampup < 0: raise ValueError(f"w_max and rampup must be >= 0, got {w_max} and {rampup}.")
         _set_dropout(model, dropout)
         self.w_max, self.rampup, self.stop_gradient = w_max, rampup, stop_gradient
 
@@ -91,11 +94,12 @@ class MeanTeacher(Method):
     "Mean Teacher: the student matches an EMA teacher's prediction on another view; the teacher is evaluated."
     name = "mean_teacher"
     uses_unlabeled = True
+    owns_ema = True                   # the teacher is the average: `fit` adds no EMA of its own
 
     def __init__(self, model: nn.Module, w_max: float = 30.0, rampup: int = 0, decay: float = 0.99,
                  dropout: float | None = 0.2):
         super().__init__(model)
-        if w_max < 0: raise ValueError(f"w_max must be >= 0, got {w_max}.")
+        if w_max < 0 or rampup < 0: raise ValueError(f"w_max and rampup must be >= 0, got {w_max} and {rampup}.")
         if not 0 <= decay < 1: raise ValueError(f"decay must be in [0, 1), got {decay}.")
         _set_dropout(model, dropout)
         self.w_max, self.rampup, self.decay = w_max, rampup, decay
@@ -133,7 +137,7 @@ class MeanTeacher(Method):
         "Restore the teacher."
         self.teacher.load_state_dict(state["teacher"])
 
-# %% ../nbs/03_consistency.ipynb #c021
+# %% ../nbs/03_consistency.ipynb #c022
 def _unit_rows(d: torch.Tensor) -> torch.Tensor:
     "Each example scaled to L2 norm 1 (over all its dimensions)."
     return d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.ndim - 1))
@@ -143,17 +147,20 @@ def kl_from_logits(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.T
     p = target_logits.detach().softmax(1)
     return (p * (p.clamp_min(1e-12).log() - logits.log_softmax(1))).sum(1).mean()
 
-def vat_perturbation(model: nn.Module, x: torch.Tensor, eps: float, xi: float = 1e-6, n_power: int = 1,
+def vat_perturbation(model: nn.Module, x: torch.Tensor, eps: float, xi: float, n_power: int = 1,
                      clean_logits: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     "The virtual adversarial perturbation: per example L2 norm `eps`, direction by `n_power` power iterations."
     if eps <= 0 or xi <= 0 or n_power < 1: raise ValueError("eps and xi must be > 0 and n_power >= 1.")
+    if not x.is_floating_point(): raise ValueError(f"x must be a float tensor (images in [0, 1]), got {x.dtype}.")
     d = _unit_rows(torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device))   # CPU generator
-    with bn_stats_frozen(model):           # the probing passes must not move BatchNorm's running statistics
+    # full precision (bf16 rounding would swamp the tiny probe xi * d), gradients on even inside no_grad,
+    # and the probing passes must not move BatchNorm's running statistics
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False), bn_stats_frozen(model):
         with torch.no_grad():
             clean = model(x) if clean_logits is None else clean_logits.detach()
         for _ in range(n_power):
             d.requires_grad_(True)
-            dist = kl_from_logits(clean, model(x + xi * d))
+            dist = kl_from_logits(clean.float(), model(x + xi * d))
             # the gradient with respect to d carries a factor xi (about xi^2 overall): undo it before normalising
             d = _unit_rows(torch.autograd.grad(dist, d)[0].detach() / xi)
     return eps * d
@@ -167,6 +174,7 @@ class VAT(Method):
                  w: float = 1.0, rampup: int = 0):
         super().__init__(model)
         if eps_rms <= 0 or xi_rms <= 0: raise ValueError("eps_rms and xi_rms must be > 0.")
+        if n_power < 1 or w < 0 or rampup < 0: raise ValueError("n_power must be >= 1, and w and rampup >= 0.")
         self.eps_rms, self.xi_rms, self.n_power, self.w, self.rampup = eps_rms, xi_rms, n_power, w, rampup
 
     def training_step(self, batch: Batch):
@@ -181,9 +189,10 @@ class VAT(Method):
         w = self.w * sigmoid_rampup(batch.step, self.rampup)
         return sup + w * unsup, {"sup": sup, "unsup": unsup, "w": torch.tensor(w)}
 
-# %% ../nbs/03_consistency.ipynb #c025
-def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, tau: float = 0.95):
-    "Cross-entropy of the strong view against the weak view's hard label where its confidence >= tau."
+# %% ../nbs/03_consistency.ipynb #c026
+def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor,
+                  tau: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Cross-entropy of the strong view against the weak view's hard label where its confidence >= tau: (loss, mask, labels)."
     if not 0 <= tau <= 1: raise ValueError(f"tau must be in [0, 1], got {tau}.")
     if logits_weak.shape != logits_strong.shape: raise ValueError("weak and strong logits differ in shape.")
     conf, pseudo = logits_weak.detach().softmax(1).max(1)
@@ -191,8 +200,9 @@ def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, tau: f
     loss = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()
     return loss, mask, pseudo
 
-def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float = 0.4, tau: float = 0.8):
-    "Cross-entropy of the strong view against the weak view's sharpened softmax, where its confidence >= tau."
+def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature: float = 0.4,
+             tau: float = 0.8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Cross-entropy of the strong view against the weak view's sharpened softmax where its confidence >= tau: (loss, mask, labels)."
     if not 0 <= tau <= 1: raise ValueError(f"tau must be in [0, 1], got {tau}.")
     if temperature <= 0: raise ValueError(f"temperature must be > 0, got {temperature}.")
     if logits_weak.shape != logits_strong.shape: raise ValueError("weak and strong logits differ in shape.")
@@ -203,16 +213,17 @@ def uda_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, temperature
     loss = (-(target * logits_strong.log_softmax(1)).sum(1) * mask).mean()
     return loss, mask, pseudo
 
-# %% ../nbs/03_consistency.ipynb #c027
+# %% ../nbs/03_consistency.ipynb #c028
 class WeakStrong(Method):
     "FixMatch and UDA: the weak view's prediction is the target for the strong view (one forward pass)."
     uses_unlabeled = True
 
     def __init__(self, model: nn.Module, lam: float = 1.0):
         super().__init__(model)
+        if lam < 0: raise ValueError(f"lam must be >= 0, got {lam}.")
         self.lam = lam
 
-    def unlabeled_loss(self, logits_weak, logits_strong):
+    def unlabeled_loss(self, logits_weak: torch.Tensor, logits_strong: torch.Tensor):
         "(loss, mask, pseudo-labels); defined by the subclass."
         raise NotImplementedError
 
@@ -223,9 +234,11 @@ class WeakStrong(Method):
         lx, lw, ls = logits[:n], logits[n:n + m], logits[n + m:]
         sup = F.cross_entropy(lx, batch.y)
         unsup, mask, pseudo = self.unlabeled_loss(lw, ls)
-        right = (pseudo == batch.u_y).float()            # hidden labels: logged, never trained on
-        return sup + self.lam * unsup, {"sup": sup, "unsup": unsup, "mask": mask.mean(),
-                                        "masked_correct": (right * mask).mean(), "pseudo_acc_all": right.mean()}
+        logs = {"sup": sup, "unsup": unsup, "mask": mask.mean()}
+        if batch.u_y is not None:                        # hidden labels: logged, never trained on
+            right = (pseudo == batch.u_y).float()
+            logs.update(masked_correct=(right * mask).mean(), pseudo_acc_all=right.mean())
+        return sup + self.lam * unsup, logs
 
 class FixMatch(WeakStrong):
     "FixMatch (Sohn et al. 2020): hard pseudo-labels above confidence tau."
@@ -234,7 +247,7 @@ class FixMatch(WeakStrong):
         super().__init__(model, lam)
         if not 0 <= tau <= 1: raise ValueError(f"tau must be in [0, 1], got {tau}.")
         self.tau = tau
-    def unlabeled_loss(self, logits_weak, logits_strong):
+    def unlabeled_loss(self, logits_weak: torch.Tensor, logits_strong: torch.Tensor):
         "FixMatch's masked cross-entropy."
         return fixmatch_loss(logits_weak, logits_strong, self.tau)
 
@@ -245,22 +258,22 @@ class UDA(WeakStrong):
         super().__init__(model, lam)
         if not 0 <= tau <= 1 or temperature <= 0: raise ValueError("tau must be in [0, 1] and temperature > 0.")
         self.temperature, self.tau = temperature, tau
-    def unlabeled_loss(self, logits_weak, logits_strong):
+    def unlabeled_loss(self, logits_weak: torch.Tensor, logits_strong: torch.Tensor):
         "UDA's masked soft cross-entropy."
         return uda_loss(logits_weak, logits_strong, self.temperature, self.tau)
 
-def pseudo_label_accuracy(history) -> list[float]:
+def pseudo_label_accuracy(history: History) -> list[float]:
     "Accuracy of the pseudo-labels that passed the threshold, per history row (NaN where none passed)."
     return [c / m if m > 0 else float("nan") for c, m in zip(history["masked_correct"], history["mask"])]
 
-# %% ../nbs/03_consistency.ipynb #c029
+# %% ../nbs/03_consistency.ipynb #c030
 def _rampup_steps(preset) -> int:
     "Ramp consistency weights up over the first 30% of the preset's steps."
     return int(0.3 * preset.fit.steps) if preset is not None else 0
 
 register_method("pi", lambda model, preset=None: PiModel(model, rampup=_rampup_steps(preset)))
 def _teacher_decay(preset) -> float:
-    "EMA decay whose horizon 1 / (1 - decay) is 5% of the run (20 steps of 400), capped at the paper's 0.999."
+    "EMA decay whose horizon 1 / (1 - decay) is 5% of the run (15 of the tiny preset's 300 steps), at most 0.999."
     return min(0.999, 1 - 20 / preset.fit.steps) if preset is not None else 0.99
 
 register_method("mean_teacher", lambda model, preset=None: MeanTeacher(model, rampup=_rampup_steps(preset),

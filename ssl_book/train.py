@@ -39,6 +39,7 @@ class Method:
     name = "method"
     ema_model: nn.Module | None = None    # set by `fit` when cfg.ema_decay > 0
     uses_unlabeled = False          # True: fit draws an unlabeled batch of mu * batch_size
+    owns_ema = False                # True: the method keeps its own average (a teacher); fit adds none
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -223,7 +224,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     lab = StepSampler(split.labeled, cfg.batch_size, cfg.seed)
     unl = StepSampler(split.unlabeled, cfg.mu * cfg.batch_size, cfg.seed + 1) if method.uses_unlabeled else None
     opt = make_optimizer(method.parameters(), cfg)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay and not method.owns_ema else None
     history, start, elapsed = History(), 0, 0.0
     run = _run_identity(method, train, split, cfg)
 

@@ -106,6 +106,27 @@ def test_vat_probing_does_not_move_batchnorm_statistics():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model[1].momentum == 0.1                      # restored after the block
 
+def test_vat_perturbation_is_a_constant_and_works_under_no_grad_and_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.rand(6, 3, 8, 8)
+    r32 = vat_perturbation(model, x, eps=1.0, xi=0.05, n_power=3, generator=torch.Generator().manual_seed(1))
+    assert not r32.requires_grad
+    with torch.no_grad():
+        r_ng = vat_perturbation(model, x, eps=1.0, xi=0.05, n_power=3, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r_ac = vat_perturbation(model, x, eps=1.0, xi=0.05, n_power=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(r_ng, r32) and r_ac.dtype == torch.float32 and torch.allclose(r_ac, r32, atol=1e-6)
+
+def test_bn_stats_frozen_restores_cumulative_layers_and_nan_batches():
+    bn = nn.BatchNorm1d(2, momentum=None).train()                   # cumulative moving average
+    bn(torch.randn(20, 2))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with bn_stats_frozen(bn):
+        bn(torch.randn(20, 2) + 5)
+        bn(torch.full((20, 2), float("nan")))
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+
 def test_bn_stats_frozen_still_uses_batch_statistics_in_training_mode():
     bn = nn.BatchNorm1d(3).train()
     x = torch.randn(50, 3) * 4 + 2
@@ -146,18 +167,29 @@ def test_mean_teacher_step_leaves_teacher_buffers_and_grads_alone(digits):
     x, u = train.images[:8], train.images[8:32]
     loss, logs = mt.training_step(Batch(x, train.labels[:8], u, train.labels[8:32], Augmenter(0, False), step=3))
     loss.backward()
+    torch.optim.SGD(mt.model.parameters(), lr=0.1).step()           # a student step leaves the teacher alone
     assert all(torch.equal(before[k], v) for k, v in mt.teacher.state_dict().items())
-    assert all(p.grad is None for p in mt.teacher.parameters())
-    assert mt.eval_model() is mt.teacher and set(logs) == {"sup", "unsup", "w"}
+    assert all(p.grad is not None for p in mt.model.parameters() if p.requires_grad)
+    assert mt.eval_model() is mt.teacher and mt.owns_ema and set(logs) == {"sup", "unsup", "w"}
 
 # ---- methods: logs and bad input -------------------------------------------------------------------------
 
-def test_fixmatch_logs_mask_and_pseudo_label_accuracy_from_hidden_labels(digits):
-    train, _ = digits
-    fm = FixMatch(make_model(get_preset("tiny"), train, 0), tau=0.0)      # tau 0: every pseudo-label kept
-    u, uy = train.images[:40], train.labels[:40]
-    _, logs = fm.training_step(Batch(train.images[40:48], train.labels[40:48], u, uy, Augmenter(1, False), step=0))
-    assert logs["mask"] == 1.0 and logs["masked_correct"] == pytest.approx(logs["pseudo_acc_all"].item())
+class _Stub(nn.Module):
+    "Ignores its input and returns fixed logits (rows: labeled, then weak, then strong views)."
+    def __init__(self, logits): super().__init__(); self.logits = nn.Parameter(logits)
+    def forward(self, x): return self.logits
+
+def test_fixmatch_logs_mask_and_pseudo_label_accuracy_from_hidden_labels():
+    lab = torch.zeros(2, 3)
+    weak = torch.log(torch.tensor([[0.97, 0.02, 0.01], [0.01, 0.98, 0.01], [0.5, 0.3, 0.2], [0.02, 0.02, 0.96]]))
+    fm = FixMatch(_Stub(torch.cat([lab, weak, torch.zeros(4, 3)])), tau=0.95)
+    u_y = torch.tensor([0, 2, 0, 2])          # pseudo-labels 0, 1, 0, 2: kept rows 0, 1, 3, of which 0 and 3 right
+    x, u = torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    _, logs = fm.training_step(Batch(x, torch.tensor([0, 1]), u, u_y, Augmenter(1, False), step=0))
+    assert logs["mask"].item() == pytest.approx(3 / 4) and logs["masked_correct"].item() == pytest.approx(2 / 4)
+    assert logs["pseudo_acc_all"].item() == pytest.approx(3 / 4)                # row 2 is right but not kept
+    _, logs = fm.training_step(Batch(x, torch.tensor([0, 1]), u, None, Augmenter(1, False), step=0))
+    assert set(logs) == {"sup", "unsup", "mask"}                     # no hidden labels, nothing to measure
     acc = pseudo_label_accuracy(History([{"masked_correct": 0.2, "mask": 0.25}, {"masked_correct": 0.0, "mask": 0.0}]))
     assert acc[0] == pytest.approx(0.8) and math.isnan(acc[1])
 
@@ -167,14 +199,18 @@ def test_fixmatch_logs_mask_and_pseudo_label_accuracy_from_hidden_labels(digits)
     lambda: uda_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0.0),
     lambda: uda_loss(torch.zeros(2, 3), torch.zeros(2, 3), tau=-0.1),
     lambda: softmax_mse(torch.zeros(2, 3), torch.zeros(2, 4)),
-    lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3), eps=0.0),
-    lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3), eps=1.0, n_power=0),
+    lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3), eps=0.0, xi=0.1),
+    lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3), eps=1.0, xi=0.1, n_power=0),
     lambda: PiModel(nn.Linear(3, 2), dropout=None, w_max=-1),
     lambda: PiModel(nn.Linear(3, 2), dropout=0.2),                  # no dropout layer to set
     lambda: MeanTeacher(nn.Linear(3, 2), dropout=None, decay=1.0),
     lambda: FixMatch(nn.Linear(3, 2), tau=2.0),
     lambda: UDA(nn.Linear(3, 2), temperature=-1.0),
     lambda: VAT(nn.Linear(3, 2), eps_rms=0.0),
+    lambda: VAT(nn.Linear(3, 2), n_power=0),
+    lambda: MeanTeacher(nn.Linear(3, 2), dropout=None, rampup=-1),
+    lambda: FixMatch(nn.Linear(3, 2), lam=-1.0),
+    lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3, dtype=torch.uint8), eps=1.0, xi=0.1),
 ], ids=lambda f: "")
 def test_bad_input_is_a_value_error(call):
     with pytest.raises(ValueError):
@@ -212,13 +248,13 @@ def tiny_runs(digits):
     out = {}
     for seed in (0, 1, 2):
         s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=seed)
-        for name in ("supervised", "mean_teacher", "fixmatch"):
+        for name in ("supervised", "pi", "mean_teacher", "vat", "fixmatch", "uda"):
             method = METHODS[name](make_model(preset, train, seed), preset)
             out[name, seed] = fit(method, train, s, replace(preset.fit, seed=seed), test, progress=False, device="cpu")
     return out
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mean_teacher", "fixmatch"])
+@pytest.mark.parametrize("name", ["pi", "mean_teacher", "vat", "fixmatch", "uda"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_method_beats_supervised_on_digits(tiny_runs, name, seed):
     base = 100 * tiny_runs["supervised", seed].final["test_acc"]
@@ -230,3 +266,22 @@ def test_method_beats_supervised_on_digits(tiny_runs, name, seed):
 def test_fixmatch_mask_rate_rises(tiny_runs, seed):
     mask = tiny_runs["fixmatch", seed]["mask"]
     assert mask[-1] > mask[0] + 0.3 and mask[-1] >= max(mask[:-1]) - 0.05, mask
+
+def test_bench_prints_a_row_for_each_consistency_method(tmp_path, capsys):
+    from ssl_book.cli import main
+    names = ["supervised", "pi", "mean_teacher", "vat", "fixmatch"]
+    assert main(["bench", "--preset", "tiny", "--methods", *names, "--seeds", "0", "--steps", "20",
+                 "--out", str(tmp_path)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.split()[:1]]
+    assert all(n in rows for n in names), rows
+
+def test_pi_model_trains_with_a_frozen_target_pass_after_the_graded_pass(digits):
+    "The frozen target pass comes after the pass with gradients; restoring BatchNorm must not break backward."
+    train, _ = digits
+    pi = PiModel(make_model(get_preset("tiny"), train, 0), rampup=0)
+    before = {k: v.clone() for k, v in pi.model.state_dict().items() if "running" in k}
+    loss, _ = pi.training_step(Batch(train.images[:8], train.labels[:8], train.images[8:40], None,
+                                     Augmenter(3, False), step=0))
+    loss.backward()
+    after = {k: v for k, v in pi.model.state_dict().items() if "running" in k}
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the graded pass did update them, once
