@@ -137,6 +137,10 @@ class MeanTeacher(Method):
         "Restore the teacher."
         self.teacher.load_state_dict(state["teacher"])
 
+def _teacher_decay(preset) -> float:
+    "EMA decay whose horizon 1 / (1 - decay) is 5% of the run (15 of the tiny preset's 300 steps), at most 0.999."
+    return min(0.999, 1 - 20 / preset.fit.steps) if preset is not None else 0.99
+
 # %% ../nbs/03_consistency.ipynb #c022
 def _unit_rows(d: torch.Tensor) -> torch.Tensor:
     "Each example scaled to L2 norm 1 (over all its dimensions)."
@@ -272,10 +276,6 @@ def _rampup_steps(preset) -> int:
     return int(0.3 * preset.fit.steps) if preset is not None else 0
 
 register_method("pi", lambda model, preset=None: PiModel(model, rampup=_rampup_steps(preset)))
-def _teacher_decay(preset) -> float:
-    "EMA decay whose horizon 1 / (1 - decay) is 5% of the run (15 of the tiny preset's 300 steps), at most 0.999."
-    return min(0.999, 1 - 20 / preset.fit.steps) if preset is not None else 0.99
-
 register_method("mean_teacher", lambda model, preset=None: MeanTeacher(model, rampup=_rampup_steps(preset),
                                                                        decay=_teacher_decay(preset)))
 register_method("vat", lambda model, preset=None: VAT(model, rampup=_rampup_steps(preset)))
