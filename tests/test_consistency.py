@@ -285,3 +285,18 @@ def test_pi_model_trains_with_a_frozen_target_pass_after_the_graded_pass(digits)
     loss.backward()
     after = {k: v for k, v in pi.model.state_dict().items() if "running" in k}
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the graded pass did update them, once
+
+def test_fit_adds_no_ema_for_a_method_that_owns_one_and_reports_its_teacher(digits):
+    train, test = digits
+    preset = get_preset("tiny")
+    s = split(train.labels, preset.n_labeled, preset.n_unlabeled, seed=0)
+    mt = MeanTeacher(make_model(preset, train, 0), rampup=5, decay=0.9)
+    h = fit(mt, train, s, replace(preset.fit, steps=10, eval_every=10, ema_decay=0.99), test, progress=False,
+            device="cpu")
+    from ssl_book.evaluate import accuracy
+    assert mt.ema_model is None and "test_acc_raw" not in h.final
+    assert h.final["test_acc"] == accuracy(mt.teacher, test)
+    fm = FixMatch(make_model(preset, train, 0))                      # a method without its own average gets one
+    h = fit(fm, train, s, replace(preset.fit, steps=10, eval_every=10, ema_decay=0.99), test, progress=False,
+            device="cpu")
+    assert fm.ema_model is not None and "test_acc_raw" in h.final
