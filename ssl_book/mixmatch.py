@@ -73,6 +73,7 @@ class MixMatch(Method):
     "MixMatch (Berthelot et al. 2019): guessed labels, sharpening, MixUp of all images, L2 unlabeled loss."
     name = "mixmatch"
     uses_unlabeled = True
+    owns_ema = True                   # evaluated through its own EMA copy: `fit` adds none
 
     def __init__(self, model: nn.Module, T: float = 0.5, K: int = 2, alpha: float = 0.75, lambda_u: float = 75.0,
                  rampup: int = 0, ema_decay: float | None = 0.999, use_sharpen: bool = True, use_mixup: bool = True,
