@@ -48,6 +48,10 @@ class Method:
         "Return the loss to minimise and a dict of scalars to log."
         raise NotImplementedError
 
+    def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
+        "Called once by `fit` before training (and before a resume). Default: nothing; self-training keeps its pool."
+        pass
+
     def after_step(self, step: int) -> None:
         "Called after each optimiser step (e.g. to update a teacher)."
 
@@ -219,6 +223,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     device = torch.device(device) if device is not None else default_device()
     _check_fit_inputs(method, train, split, cfg, test)
     model = method.model.to(device)
+    method.setup(train, split, device)
     if device.type == "cuda": model.to(memory_format=torch.channels_last)
     images, labels = train.images.to(device), train.labels.to(device)
     lab = StepSampler(split.labeled, cfg.batch_size, cfg.seed)

@@ -186,3 +186,18 @@ def test_training_learns_and_more_labels_help(digits):
         accs[n] = h.final["test_acc"]
     assert accs[20] > 0.5                        # chance is 0.1
     assert accs[200] > accs[20] + 0.05
+
+def test_fit_calls_setup_once_with_the_data_before_training(digits):
+    train, test = digits
+    preset = get_preset("tiny")
+    s = split(train.labels, preset.n_labeled, preset.n_unlabeled, seed=0)
+    calls = []
+    class Probe(Supervised):
+        def setup(self, tr, sp, device):
+            calls.append(("setup", tr is train, sp is s, str(device)))
+        def training_step(self, batch):
+            calls.append("step")
+            return super().training_step(batch)
+    fit(Probe(make_model(preset, train, 0)), train, s, replace(preset.fit, steps=3, eval_every=3), progress=False,
+        device="cpu")
+    assert calls == [("setup", True, True, "cpu"), "step", "step", "step"]

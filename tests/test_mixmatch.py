@@ -1,0 +1,128 @@
+"ssl_book.mixmatch: sharpen and the order of averaging, MixUp, interleave, the loss by hand, bad input, and learning outcomes."
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ssl_book.augment import Augmenter
+from ssl_book.data import split
+from ssl_book.experiment import make_model
+from ssl_book.mixmatch import MixMatch, guess_labels, interleave, mix_lambda, mixup, sharpen
+from ssl_book.presets import get_preset
+from ssl_book.train import METHODS, Batch, fit
+
+def test_sharpen_against_numpy():
+    p = np.random.default_rng(0).dirichlet(np.ones(7), size=50)
+    for T in (0.25, 0.5, 1.0, 2.0):
+        ref = p ** (1 / T); ref /= ref.sum(1, keepdims=True)
+        assert np.allclose(sharpen(torch.tensor(p), T).numpy(), ref, atol=1e-6)
+    one_hot = torch.eye(3)
+    assert torch.equal(sharpen(one_hot, 0.1), one_hot)
+
+class _Fixed(nn.Module):
+    "Returns stored logits for each view, identified by its first value."
+    def __init__(self, table): super().__init__(); self.table = table
+    def forward(self, x): return self.table[int(x[0, 0])]
+
+def test_guess_averages_then_sharpens():
+    # two views whose predictions disagree: averaging first gives a flat guess; sharpening first would not
+    p1, p2 = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.2, 0.8]])
+    model = _Fixed({0: p1.log(), 1: p2.log()})
+    views = [torch.zeros(1, 1), torch.ones(1, 1)]
+    got = guess_labels(model, views, T=0.5)
+    right = sharpen((p1 + p2) / 2, 0.5)                              # (0.55, 0.45) -> (0.599, 0.401)
+    wrong = (sharpen(p1, 0.5) + sharpen(p2, 0.5)) / 2                # (0.529, 0.471)... a different answer
+    assert torch.allclose(got, right, atol=1e-6) and not torch.allclose(got, wrong, atol=1e-3)
+    assert got[0, 0].item() == pytest.approx(0.55 ** 2 / (0.55 ** 2 + 0.45 ** 2), abs=1e-6)
+
+def test_guess_has_no_gradient():
+    model = nn.Linear(4, 3)
+    q = guess_labels(model, [torch.randn(5, 4), torch.randn(5, 4)], 0.5)
+    assert not q.requires_grad and torch.allclose(q.sum(1), torch.ones(5))
+
+def test_mix_lambda_is_at_least_half():
+    torch.manual_seed(0)
+    lams = [mix_lambda(0.75) for _ in range(500)]
+    assert all(0.5 <= l <= 1 for l in lams) and np.std(lams) > 0.05
+
+def test_mixup_is_a_convex_combination():
+    x1, x2 = torch.rand(6, 3, 4, 4), torch.rand(6, 3, 4, 4)
+    y1, y2 = torch.eye(6)[:, :5], torch.rand(6, 5).softmax(1)
+    xm, ym = mixup(x1, y1, x2, y2, 0.7)
+    assert torch.allclose(xm, 0.7 * x1 + 0.3 * x2) and torch.allclose(ym, 0.7 * y1 + 0.3 * y2)
+    assert (xm >= torch.minimum(x1, x2) - 1e-7).all() and (xm <= torch.maximum(x1, x2) + 1e-7).all()
+
+@pytest.mark.parametrize("parts,batch", [(2, 8), (3, 64), (5, 64), (4, 7)])
+def test_interleave_is_an_involution_and_mixes(parts, batch):
+    xy = [torch.full((batch, 2), float(i)) for i in range(parts)]
+    once = interleave(xy, batch)
+    assert all(len(t) == batch for t in once)
+    assert all(torch.equal(a, b) for a, b in zip(interleave(once, batch), xy))
+    assert set(once[0][:, 0].tolist()) == set(range(parts))         # the first sub-batch holds every part
+
+def test_mixmatch_loss_by_hand_without_mixup():
+    "K = 1, no MixUp, no sharpening: the losses reduce to CE on x and the squared error to the guessed softmax."
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    mm = MixMatch(model, T=1.0, K=1, lambda_u=2.0, ema_decay=None, use_sharpen=False, use_mixup=False,
+                  use_interleave=False)
+    x, y, u = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]), torch.rand(4, 1, 2, 2)
+    aug = Augmenter(0, flip=False, pad_frac=0.0)                     # no randomness left in weak views
+    loss, logs = mm.training_step(Batch(x, y, u, None, aug, step=5))
+    with torch.no_grad():
+        q = model(u).softmax(1)
+        sup = nn.functional.cross_entropy(model(x), y)
+        unsup = ((model(u).softmax(1) - q) ** 2).mean()
+    assert logs["sup"].item() == pytest.approx(sup.item(), abs=1e-6) and logs["unsup"].item() == pytest.approx(0, abs=1e-9)
+    assert loss.item() == pytest.approx(sup.item() + 2.0 * unsup.item(), abs=1e-6)
+
+def test_no_gradient_into_guessed_labels():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    mm = MixMatch(model, K=2, ema_decay=None)
+    seen = {}
+    orig = mm._forward_in_chunks
+    def spy(x, b):
+        seen["x"] = x
+        return orig(x, b)
+    mm._forward_in_chunks = spy
+    torch.manual_seed(1)
+    loss, _ = mm.training_step(Batch(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]), torch.rand(8, 1, 2, 2), None,
+                                     Augmenter(0, flip=False, pad_frac=0.0), step=0))
+    loss.backward()
+    assert not seen["x"].requires_grad                               # inputs and targets are constants
+    assert all(p.grad is not None for p in model.parameters())
+
+def test_lambda_u_ramps_linearly():
+    mm = MixMatch(nn.Linear(2, 2), lambda_u=75, rampup=100, ema_decay=None)
+    assert [mm.weight(t) for t in (0, 50, 100, 1000)] == [0.0, 37.5, 75.0, 75.0]
+
+@pytest.mark.parametrize("call", [
+    lambda: sharpen(torch.ones(2, 2), 0.0),
+    lambda: guess_labels(nn.Linear(2, 2), [], 0.5),
+    lambda: guess_labels(nn.Linear(2, 2), [torch.zeros(2, 2), torch.zeros(3, 2)], 0.5),
+    lambda: mix_lambda(0.0),
+    lambda: mixup(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(3, 3), torch.zeros(3, 4), 0.5),
+    lambda: mixup(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 5), 0.5),
+    lambda: interleave([torch.zeros(4, 1), torch.zeros(3, 1)], 4),
+    lambda: MixMatch(nn.Linear(2, 2), T=-1),
+    lambda: MixMatch(nn.Linear(2, 2), K=0),
+    lambda: MixMatch(nn.Linear(2, 2), alpha=0),
+])
+def test_bad_input_is_a_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixmatch_beats_supervised_on_digits(digits, seed):
+    train, test = digits
+    preset = get_preset("tiny")
+    s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=seed)
+    acc = {}
+    for name in ("supervised", "mixmatch"):
+        h = fit(METHODS[name](make_model(preset, train, seed), preset), train, s, replace(preset.fit, seed=seed), test,
+                progress=False, device="cpu")
+        acc[name] = 100 * h.final["test_acc"]
+    assert acc["mixmatch"] >= acc["supervised"] + 2.0, acc
