@@ -126,3 +126,29 @@ def test_mixmatch_beats_supervised_on_digits(digits, seed):
                 progress=False, device="cpu")
         acc[name] = 100 * h.final["test_acc"]
     assert acc["mixmatch"] >= acc["supervised"] + 2.0, acc
+
+def test_mixmatch_loss_by_hand_with_mixup_and_sharpening(monkeypatch):
+    "The full loss on fixed tensors: targets built by hand (one-hot, sharpened average), mixed, then scored."
+    import ssl_book.mixmatch as mmod
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    seen = {}
+    real = mmod.mixup
+    monkeypatch.setattr(mmod, "mixup", lambda *a: (seen.update(args=a), real(*a))[1])
+    monkeypatch.setattr(mmod, "mix_lambda", lambda alpha: 0.7)
+    mm = MixMatch(model, T=0.5, K=2, lambda_u=3.0, ema_decay=None, use_interleave=False)
+    x, y, u = torch.rand(2, 1, 2, 2), torch.tensor([0, 2]), torch.rand(4, 1, 2, 2)
+    aug = Augmenter(0, flip=False, pad_frac=0.0)                     # weak views equal the images
+    loss, logs = mm.training_step(Batch(x, y, u, None, aug, step=10))
+    x1, y1, x2, y2, lam = seen["args"]
+    with torch.no_grad():
+        q = sharpen(model(u).softmax(1), 0.5)                        # the average of two identical views
+        want_y1 = torch.cat([nn.functional.one_hot(y, 3).float(), q, q])
+        assert torch.allclose(y1, want_y1, atol=1e-6) and lam == 0.7
+        assert sorted(map(tuple, x2.flatten(1).tolist())) == sorted(map(tuple, x1.flatten(1).tolist()))  # one shuffled pool
+        xm, ym = 0.7 * x1 + 0.3 * x2, 0.7 * y1 + 0.3 * y2
+        p = model(xm).softmax(1)
+        sup = -(ym[:2] * p[:2].log()).sum(1).mean()
+        unsup = ((p[2:] - ym[2:]) ** 2).mean()
+    assert unsup.item() > 1e-4                                        # a case where the unlabeled term matters
+    assert loss.item() == pytest.approx(sup.item() + 3.0 * unsup.item(), rel=1e-5)
