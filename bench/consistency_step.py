@@ -1,6 +1,7 @@
-"""What one step of each consistency method costs, against the supervised step, inside `fit`.
+"""What one step of each SSL method costs, against the supervised step, inside `fit`.
 
-Run: .venv/bin/python bench/consistency_step.py [--steps 30]   (about 4 minutes on 2 cores)
+Run: .venv/bin/python bench/consistency_step.py [--steps 30] [--methods pi ... mixmatch]   (about 4 minutes on 2 cores
+for the default, Chapter 3's methods)
 
 The `cpu` preset's model, batch size and mu (64 labeled + mu * 64 unlabeled images per step), on CIFAR-10 if a
 local copy is found. Each method runs `--steps` steps through `fit` (timed by fit's own clock, which leaves
@@ -11,9 +12,8 @@ import argparse
 from dataclasses import replace
 
 from common import cifar_or_synthetic, machine
-import ssl_book.consistency                      # registers the methods
 from ssl_book.data import split
-from ssl_book.experiment import make_model
+from ssl_book.experiment import available_methods, make_model
 from ssl_book.presets import get_preset
 from ssl_book.train import METHODS, fit
 
@@ -21,6 +21,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=30)
 p.add_argument("--methods", nargs="+", default=["pi", "mean_teacher", "vat", "fixmatch", "uda"])
 args = p.parse_args()
+available_methods()                              # imports the chapters, which register their methods
 
 preset = get_preset("cpu")
 data, source = cifar_or_synthetic(6000)
