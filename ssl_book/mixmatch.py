@@ -22,8 +22,9 @@ __all__ = ['sharpen', 'guess_labels', 'mix_lambda', 'mixup', 'interleave', 'MixM
 def sharpen(p: torch.Tensor, T: float) -> torch.Tensor:
     "p^(1/T) renormalised over the last dimension; T < 1 makes the distribution more peaked."
     if not T > 0: raise ValueError(f"the temperature T must be > 0, got {T}.")
-    q = p.clamp_min(0) ** (1.0 / T)
-    return q / q.sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+    # in log space: p ** (1 / T) underflows to 0 for small T, while softmax(log p / T) stays a distribution
+    logp = p.clamp_min(torch.finfo(p.dtype).tiny).log()
+    return (logp / T).softmax(-1)
 
 # %% ../nbs/05_mixmatch.ipynb #c013
 @torch.no_grad()
@@ -36,19 +37,26 @@ def guess_labels(model: nn.Module, views: list[torch.Tensor], T: float) -> torch
     return sharpen(mean, T)
 
 # %% ../nbs/05_mixmatch.ipynb #c016
-def mix_lambda(alpha: float) -> float:
-    "Draw lam ~ Beta(alpha, alpha) (torch's global generator, which `fit` seeds per step); return max(lam, 1 - lam)."
+def mix_lambda(alpha: float, n: int | None = None) -> float | torch.Tensor:
+    """Draw lam ~ Beta(alpha, alpha) and return lam' = max(lam, 1 - lam): one float, or a tensor of `n` draws
+    (one per example, as in the reference code). Uses torch's global generator, which `fit` seeds at every step."""
     if not alpha > 0: raise ValueError(f"alpha must be > 0, got {alpha}.")
-    lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
-    return max(lam, 1.0 - lam)
+    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample(() if n is None else (n,))
+    lam = torch.maximum(lam, 1 - lam)
+    return float(lam) if n is None else lam
 
-def mixup(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor, lam: float):
-    "The convex combinations lam * x1 + (1 - lam) * x2 and lam * y1 + (1 - lam) * y2."
+def mixup(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor, lam: float | torch.Tensor):
+    "lam * x1 + (1 - lam) * x2 and lam * y1 + (1 - lam) * y2; `lam` is a number or one value per row."
     if x1.shape != x2.shape or y1.shape != y2.shape or len(x1) != len(y1):
         raise ValueError(f"mixup needs matching shapes: x {tuple(x1.shape)} / {tuple(x2.shape)}, "
                          f"y {tuple(y1.shape)} / {tuple(y2.shape)}.")
-    if not 0 <= lam <= 1: raise ValueError(f"lam must be in [0, 1], got {lam}.")
-    return lam * x1 + (1 - lam) * x2, lam * y1 + (1 - lam) * y2
+    lam = torch.as_tensor(lam, dtype=x1.dtype if x1.is_floating_point() else torch.float32, device=x1.device)
+    if lam.ndim > 1 or (lam.ndim == 1 and len(lam) != len(x1)):
+        raise ValueError(f"lam must be a number or have one value per row ({len(x1)}), got shape {tuple(lam.shape)}.")
+    if lam.min() < 0 or lam.max() > 1: raise ValueError("lam must be in [0, 1].")
+    lx = lam.reshape(-1, *[1] * (x1.ndim - 1)) if lam.ndim else lam
+    ly = lam.reshape(-1, *[1] * (y1.ndim - 1)) if lam.ndim else lam
+    return lx * x1 + (1 - lx) * x2, ly * y1 + (1 - ly) * y2
 
 # %% ../nbs/05_mixmatch.ipynb #c020
 def _slice_bounds(batch: int, parts: int) -> list[int]:
@@ -83,10 +91,11 @@ class MixMatch(Method):
         if K < 1: raise ValueError(f"K must be >= 1, got {K}.")
         if not alpha > 0: raise ValueError(f"alpha must be > 0, got {alpha}.")
         if lambda_u < 0 or rampup < 0: raise ValueError("lambda_u and rampup must be >= 0.")
+        if ema_decay is not None and not 0 <= ema_decay < 1: raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         self.T, self.K, self.alpha, self.lambda_u, self.rampup = T, K, alpha, lambda_u, rampup
         self.use_sharpen, self.use_mixup, self.use_interleave = use_sharpen, use_mixup, use_interleave
         self.ema_decay = ema_decay
-        self.ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+        self.ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
 
     def weight(self, step: int) -> float:
         "lambda_u, ramped up linearly over `rampup` steps."
@@ -109,7 +118,7 @@ class MixMatch(Method):
         x_all = torch.cat([xw, *views])
         y_all = torch.cat([F.one_hot(batch.y, n_classes).float(), *[q] * self.K])
         if self.use_mixup:
-            lam = mix_lambda(self.alpha)
+            lam = mix_lambda(self.alpha, len(x_all)).to(x_all.device)    # one lam' per example
             perm = torch.randperm(len(x_all), generator=batch.aug.g).to(x_all.device)
             x_all, y_all = mixup(x_all, y_all, x_all[perm], y_all[perm], lam)
         logits = self._forward_in_chunks(x_all, n)
@@ -146,7 +155,7 @@ def mixmatch_for(model: nn.Module, preset=None, **overrides) -> MixMatch:
     lambda_u ramps up over 16,000 steps as in the paper, or over 30% of a shorter run; the EMA's horizon
     1 / (1 - decay) is 5% of the run, at most the paper's decay 0.999. `overrides` switch off parts for ablations."""
     steps = preset.fit.steps if preset is not None else 1000
-    kwargs = dict(rampup=min(16_000, int(0.3 * steps)), ema_decay=min(0.999, 1 - 20 / steps))
+    kwargs = dict(rampup=min(16_000, int(0.3 * steps)), ema_decay=min(0.999, max(0.0, 1 - 20 / steps)))
     return MixMatch(model, **{**kwargs, **overrides})
 
 register_method("mixmatch", mixmatch_for);

@@ -89,24 +89,27 @@ class SelfTraining(Method):
     name = "self_training"
     uses_unlabeled = True              # fit's unlabeled batch sets how many pseudo-labeled images a step uses
 
-    def __init__(self, model: nn.Module, round_steps: int, tau: float | None = 0.95, per_class: int | None = None,
+    def __init__(self, model: nn.Module, round_steps: int, tau: float | None = None, per_class: int | None = None,
                  lam: float = 1.0):
         super().__init__(model)
         if round_steps < 1: raise ValueError(f"round_steps must be >= 1, got {round_steps}.")
         if lam < 0: raise ValueError(f"lam must be >= 0, got {lam}.")
-        if per_class is not None: tau = None                            # class-balanced selection replaces tau
-        select_pseudo_labels(torch.full((1, 2), 0.5), tau, per_class)      # validates tau / per_class
+        if tau is None and per_class is None: tau = 0.95                  # the default rule: confidence >= 0.95
+        select_pseudo_labels(torch.full((1, 2), 0.5), tau, per_class)      # validates: exactly one rule
         self.round_steps, self.tau, self.per_class, self.lam = round_steps, tau, per_class, lam
         self.idx = self.labels = None          # the current round's pseudo-labeled pool images and labels
         self.rounds: list[dict] = []
 
     def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
-        "Keep the unlabeled pool (and its hidden labels, for the per-round statistics only)."
+        "Keep the unlabeled pool (and its hidden labels, for the per-round statistics only); start with no rounds."
         self.pool_images, self.pool_true = train.images[split.unlabeled], train.labels[split.unlabeled]
+        self.idx = self.labels = None
+        self.rounds = []
 
     def relabel(self, step: int) -> dict:
-        "Label the pool with the current model, select, and record the round's statistics."
-        probs = predict(self.model, self.pool_images).softmax(1)
+        "Label the pool with the model being trained (in float32, eval mode), select, and record the round's statistics."
+        with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
+            probs = predict(self.model, self.pool_images).softmax(1)
         idx, labels = select_pseudo_labels(probs, self.tau, self.per_class)
         wrong_all = probs.argmax(1) != self.pool_true
         right = labels == self.pool_true[idx]
@@ -145,7 +148,8 @@ class SelfTraining(Method):
 
     def load_state_dict(self, state: dict) -> None:
         "Restore the rounds and the selection."
-        self.rounds, self.idx, self.labels = state["rounds"], state["idx"], state["labels"]
+        cpu = lambda t: t.cpu() if t is not None else None             # fit loads checkpoints onto the device
+        self.rounds, self.idx, self.labels = state["rounds"], cpu(state["idx"]), cpu(state["labels"])
 
 # %% ../nbs/04_pseudo_labels.ipynb #c023
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, torch.Tensor]:
@@ -180,8 +184,9 @@ def plot_reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
 def lee_steps(preset=None) -> tuple[int, int]:
     "Lee's t1 = 100 and t2 = 600 were epochs; the book counts steps and puts them at 10% and 60% of the run."
     steps = preset.fit.steps if preset is not None else 1000
-    return int(0.1 * steps), int(0.6 * steps)
+    t1 = int(0.1 * steps)
+    return t1, max(t1 + 1, int(0.6 * steps))
 
 register_method("pseudo_label", lambda model, preset=None: PseudoLabel(model, 0.95, *lee_steps(preset)))
 register_method("self_training", lambda model, preset=None: SelfTraining(
-    model, round_steps=(preset.fit.steps if preset is not None else 1000) // 4, tau=0.95));
+    model, round_steps=max(1, (preset.fit.steps if preset is not None else 1000) // 4), tau=0.95));

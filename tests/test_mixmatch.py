@@ -9,7 +9,7 @@ import torch.nn as nn
 from ssl_book.augment import Augmenter
 from ssl_book.data import split
 from ssl_book.experiment import make_model
-from ssl_book.mixmatch import MixMatch, guess_labels, interleave, mix_lambda, mixup, sharpen
+from ssl_book.mixmatch import MixMatch, guess_labels, interleave, mix_lambda, mixmatch_for, mixup, sharpen
 from ssl_book.presets import get_preset
 from ssl_book.train import METHODS, Batch, fit
 
@@ -109,6 +109,10 @@ def test_lambda_u_ramps_linearly():
     lambda: MixMatch(nn.Linear(2, 2), T=-1),
     lambda: MixMatch(nn.Linear(2, 2), K=0),
     lambda: MixMatch(nn.Linear(2, 2), alpha=0),
+    lambda: MixMatch(nn.Linear(2, 2), ema_decay=1.0),
+    lambda: MixMatch(nn.Linear(2, 2), ema_decay=-0.1),
+    lambda: mixup(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([0.5, 0.5, 0.5])),
+    lambda: mixup(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3), torch.zeros(2, 4), 1.5),
 ])
 def test_bad_input_is_a_value_error(call):
     with pytest.raises(ValueError):
@@ -135,7 +139,7 @@ def test_mixmatch_loss_by_hand_with_mixup_and_sharpening(monkeypatch):
     seen = {}
     real = mmod.mixup
     monkeypatch.setattr(mmod, "mixup", lambda *a: (seen.update(args=a), real(*a))[1])
-    monkeypatch.setattr(mmod, "mix_lambda", lambda alpha: 0.7)
+    monkeypatch.setattr(mmod, "mix_lambda", lambda alpha, n=None: torch.linspace(0.5, 1.0, n))
     mm = MixMatch(model, T=0.5, K=2, lambda_u=3.0, ema_decay=None, use_interleave=False)
     x, y, u = torch.rand(2, 1, 2, 2), torch.tensor([0, 2]), torch.rand(4, 1, 2, 2)
     aug = Augmenter(0, flip=False, pad_frac=0.0)                     # weak views equal the images
@@ -144,11 +148,67 @@ def test_mixmatch_loss_by_hand_with_mixup_and_sharpening(monkeypatch):
     with torch.no_grad():
         q = sharpen(model(u).softmax(1), 0.5)                        # the average of two identical views
         want_y1 = torch.cat([nn.functional.one_hot(y, 3).float(), q, q])
-        assert torch.allclose(y1, want_y1, atol=1e-6) and lam == 0.7
+        assert torch.allclose(y1, want_y1, atol=1e-6) and torch.equal(lam, torch.linspace(0.5, 1.0, 10))
         assert sorted(map(tuple, x2.flatten(1).tolist())) == sorted(map(tuple, x1.flatten(1).tolist()))  # one shuffled pool
-        xm, ym = 0.7 * x1 + 0.3 * x2, 0.7 * y1 + 0.3 * y2
+        l = lam[:, None]                                              # one lam' per example
+        xm, ym = l[:, :, None, None] * x1 + (1 - l[:, :, None, None]) * x2, l * y1 + (1 - l) * y2
         p = model(xm).softmax(1)
         sup = -(ym[:2] * p[:2].log()).sum(1).mean()
         unsup = ((p[2:] - ym[2:]) ** 2).mean()
     assert unsup.item() > 1e-4                                        # a case where the unlabeled term matters
     assert loss.item() == pytest.approx(sup.item() + 3.0 * unsup.item(), rel=1e-5)
+    # Gradients: the method's must equal those of the hand loss with constant (detached) targets.
+    assert not y1.requires_grad and not y2.requires_grad
+    loss.backward()
+    got = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    p = model(xm).softmax(1)
+    (-(ym[:2] * p[:2].log()).sum(1).mean() + 3.0 * ((p[2:] - ym[2:]) ** 2).mean()).backward()
+    assert all(torch.allclose(a, q.grad, atol=1e-6) for a, q in zip(got, model.parameters()))
+
+def test_interleave_does_not_change_the_loss_without_batchnorm():
+    "Interleaving permutes rows between sub-batches and back: without BatchNorm, the loss must be the same."
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    batch = lambda: Batch(torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0]),
+                          torch.rand(8, 1, 2, 2, generator=torch.Generator().manual_seed(1)), None,
+                          Augmenter(0, flip=False, pad_frac=0.0), step=3)
+    losses = []
+    for inter in (True, False):
+        torch.manual_seed(5)
+        mm = MixMatch(model, K=2, ema_decay=None, use_interleave=inter)
+        losses.append(mm.training_step(batch())[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+def test_per_example_lambda_mixes_each_row_with_its_own_weight():
+    x1, x2 = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
+    y1, y2 = torch.tensor([[1.0, 0.0]] * 3), torch.tensor([[0.0, 1.0]] * 3)
+    lam = torch.tensor([0.5, 0.8, 1.0])
+    xm, ym = mixup(x1, y1, x2, y2, lam)
+    assert torch.allclose(xm[:, 0, 0, 0], 1 - lam) and torch.allclose(ym[:, 0], lam)
+    draws = mix_lambda(0.75, 1000)
+    assert draws.shape == (1000,) and draws.min() >= 0.5 and draws.std() > 0.05     # one draw per example
+
+def _crash_at(method, step: int):
+    "Make `method` raise at `step`, as if the process died there (after the checkpoint of an earlier step)."
+    orig = method.training_step
+    def step_or_crash(batch):
+        if batch.step == step: raise KeyboardInterrupt
+        return orig(batch)
+    method.training_step = step_or_crash
+    return method
+
+def test_mixmatch_resumes_bit_exactly(digits, tmp_path):
+    train, _ = digits
+    preset = get_preset("tiny")
+    s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=0)
+    cfg = replace(preset.fit, seed=0, steps=12, eval_every=4)
+    whole = mixmatch_for(make_model(preset, train, 0), preset)
+    fit(whole, train, s, cfg, progress=False, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fit(_crash_at(mixmatch_for(make_model(preset, train, 0), preset), 9), train, s, cfg, progress=False,
+            device="cpu", checkpoint=tmp_path / "run.pt")
+    resumed = mixmatch_for(make_model(preset, train, 1), preset)       # other initial weights: the checkpoint wins
+    fit(resumed, train, s, cfg, progress=False, device="cpu", checkpoint=tmp_path / "run.pt")
+    for a, b in zip(list(whole.ema.state_dict().values()) + list(whole.model.state_dict().values()),
+                    list(resumed.ema.state_dict().values()) + list(resumed.model.state_dict().values())):
+        assert torch.equal(a, b)

@@ -150,6 +150,8 @@ def test_self_training_trains_only_on_selected_pool_images_with_their_pseudo_lab
     st.training_step(Batch(train.images[:4], train.labels[:4], train.images[4:12], None, Augmenter(0, False, 0.0), 1))
     conf = Linear()(train.images[4:40].float() / 255).softmax(1).max(1).values
     assert len(st.idx) == int((conf >= 0.999).sum()) and len(seen["x"]) == 4 + 8
+    chosen = {tuple(img.flatten().tolist()) for img in train.images[4:40][st.idx]}
+    assert all(tuple((255 * im).round().flatten().tolist()) in chosen for im in seen["x"][4:])   # only selected ones
 
 def test_self_training_state_round_trip():
     train = _pool()
@@ -188,6 +190,8 @@ def test_reliability_bins_reproduce_the_toolkit_ece(seed):
     lambda: SelfTraining(nn.Linear(2, 2), round_steps=0),
     lambda: SelfTraining(nn.Linear(2, 2), round_steps=5, tau=2.0),
     lambda: SelfTraining(nn.Linear(2, 2), round_steps=5, lam=-1.0),
+    lambda: SelfTraining(nn.Linear(2, 2), round_steps=5, tau=0.3, per_class=5),
+    lambda: SelfTraining(nn.Linear(2, 2), round_steps=5, per_class=0),
     lambda: reliability_bins(torch.rand(5, 3), torch.zeros(4, dtype=torch.long)),
     lambda: reliability_bins(torch.rand(5, 3), torch.zeros(5, dtype=torch.long), n_bins=0),
 ])
@@ -228,3 +232,34 @@ def test_bench_prints_pseudo_label_rows(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.split()[:1]]
     assert all(n in rows for n in names), rows
+
+def test_self_training_setup_starts_fresh():
+    train = _pool()
+    from ssl_book.data import Split
+    s = Split(torch.arange(4), torch.arange(4, 40), torch.arange(0))
+    st = SelfTraining(Linear(), round_steps=1)
+    st.setup(train, s, torch.device("cpu"))
+    st.relabel(1)
+    st.setup(train, s, torch.device("cpu"))                                # a second fit on the same object
+    assert st.rounds == [] and st.idx is None
+
+def test_self_training_resumes_bit_exactly_mid_round(digits, tmp_path):
+    train, _ = digits
+    preset = get_preset("tiny")
+    s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=0)
+    cfg = replace(preset.fit, seed=0, steps=16, eval_every=4)
+    make = lambda seed: SelfTraining(make_model(preset, train, seed), round_steps=6, tau=0.5)
+    whole = make(0)
+    fit(whole, train, s, cfg, progress=False, device="cpu")
+    crashing = make(0)
+    orig = crashing.training_step
+    def step_or_crash(batch):
+        if batch.step == 10: raise KeyboardInterrupt                     # after the checkpoint of step 8, mid-round
+        return orig(batch)
+    crashing.training_step = step_or_crash
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashing, train, s, cfg, progress=False, device="cpu", checkpoint=tmp_path / "st.pt")
+    resumed = make(1)
+    fit(resumed, train, s, cfg, progress=False, device="cpu", checkpoint=tmp_path / "st.pt")
+    assert [r["step"] for r in resumed.rounds] == [r["step"] for r in whole.rounds] == [6, 12]
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))
