@@ -19,3 +19,21 @@ def synthetic():
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+def train_registered_on_tiny(digits, names, seeds=(0, 1, 2)) -> dict:
+    "Histories of registered methods on the tiny preset, keyed (name, seed); every method of a seed shares its split."
+    from dataclasses import replace
+    from ssl_book.data import split
+    from ssl_book.experiment import available_methods, make_model
+    from ssl_book.presets import get_preset
+    from ssl_book.train import METHODS, fit
+    available_methods()
+    train, test = digits
+    preset = get_preset("tiny")
+    out = {}
+    for seed in seeds:
+        s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=seed)
+        for name in names:
+            method = METHODS[name](make_model(preset, train, seed), preset)
+            out[name, seed] = fit(method, train, s, replace(preset.fit, seed=seed), test, progress=False, device="cpu")
+    return out

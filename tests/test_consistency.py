@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import train_registered_on_tiny
 import torch
 import torch.nn as nn
 
@@ -243,15 +244,7 @@ MARGIN = 2.0   # percentage points above the supervised baseline, on each seed
 @pytest.fixture(scope="module")
 def tiny_runs(digits):
     "Supervised and each consistency method on the tiny preset, seeds 0-2, same split per seed."
-    train, test = digits
-    preset = get_preset("tiny")
-    out = {}
-    for seed in (0, 1, 2):
-        s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=seed)
-        for name in ("supervised", "pi", "mean_teacher", "vat", "fixmatch", "uda"):
-            method = METHODS[name](make_model(preset, train, seed), preset)
-            out[name, seed] = fit(method, train, s, replace(preset.fit, seed=seed), test, progress=False, device="cpu")
-    return out
+    return train_registered_on_tiny(digits, ("supervised", "pi", "mean_teacher", "vat", "fixmatch", "uda"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["pi", "mean_teacher", "vat", "fixmatch", "uda"])

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import train_registered_on_tiny
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -202,15 +203,7 @@ def test_bad_input_is_a_value_error(call):
 @pytest.fixture(scope="module")
 def tiny_runs(digits):
     "Supervised, thresholded pseudo-labels and self-training on the tiny preset, seeds 0-2, same split per seed."
-    train, test = digits
-    preset = get_preset("tiny")
-    out = {}
-    for seed in (0, 1, 2):
-        s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=seed)
-        for name in ("supervised", "pseudo_label", "self_training"):
-            method = METHODS[name](make_model(preset, train, seed), preset)
-            out[name, seed] = fit(method, train, s, replace(preset.fit, seed=seed), test, progress=False, device="cpu")
-    return out
+    return train_registered_on_tiny(digits, ("supervised", "pseudo_label", "self_training"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
