@@ -150,12 +150,16 @@ class MixMatch(Method):
 
 # %% ../nbs/05_mixmatch.ipynb #c025
 def mixmatch_for(model: nn.Module, preset=None, **overrides) -> MixMatch:
-    """MixMatch with the paper's T = 0.5, K = 2, alpha = 0.75, lambda_u = 75, sized to the preset's budget.
+    """MixMatch with the paper's T = 0.5, K = 2, alpha = 0.75, sized to the preset's budget.
 
-    lambda_u ramps up over 16,000 steps as in the paper, or over 30% of a shorter run; the EMA's horizon
-    1 / (1 - decay) is 5% of the run, at most the paper's decay 0.999. `overrides` switch off parts for ablations."""
+    lambda_u ramps up over 16,000 steps as in the paper, or over 30% of a shorter run. It ends at the paper's 75
+    only when the paper's ramp fits; shorter runs use 25, because with 75 the ramp ends while the guesses are still
+    poor and the cpu run collapsed (Chapter 5, "lambda_u and the budget"). The EMA's horizon 1 / (1 - decay) is 5%
+    of the run, at most the paper's decay 0.999. `overrides` change any of these, or switch off parts for ablations."""
     steps = preset.fit.steps if preset is not None else 1000
-    kwargs = dict(rampup=min(16_000, int(0.3 * steps)), ema_decay=min(0.999, max(0.0, 1 - 20 / steps)))
+    rampup = min(16_000, int(0.3 * steps))
+    kwargs = dict(rampup=rampup, lambda_u=75.0 if rampup == 16_000 else 25.0,
+                  ema_decay=min(0.999, max(0.0, 1 - 20 / steps)))
     return MixMatch(model, **{**kwargs, **overrides})
 
 register_method("mixmatch", mixmatch_for);

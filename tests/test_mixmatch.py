@@ -98,6 +98,14 @@ def test_lambda_u_ramps_linearly():
     mm = MixMatch(nn.Linear(2, 2), lambda_u=75, rampup=100, ema_decay=None)
     assert [mm.weight(t) for t in (0, 50, 100, 1000)] == [0.0, 37.5, 75.0, 75.0]
 
+def test_mixmatch_for_keeps_the_papers_lambda_u_only_where_its_ramp_fits():
+    "gpu: the paper's 75 over 16,000 steps; cpu and tiny: 25 over 30% of the run (75 collapsed there); overrides win."
+    net = nn.Linear(2, 2)
+    got = {name: (mixmatch_for(net, get_preset(name)).lambda_u, mixmatch_for(net, get_preset(name)).rampup)
+           for name in ("tiny", "cpu", "gpu")}
+    assert got == {"tiny": (25.0, 90), "cpu": (25.0, 600), "gpu": (75.0, 16_000)}
+    assert mixmatch_for(net, get_preset("cpu"), lambda_u=75.0).lambda_u == 75.0
+
 @pytest.mark.parametrize("call", [
     lambda: sharpen(torch.ones(2, 2), 0.0),
     lambda: guess_labels(nn.Linear(2, 2), [], 0.5),
