@@ -84,7 +84,7 @@ class MixMatch(Method):
     owns_ema = True                   # evaluated through its own EMA copy: `fit` adds none
 
     def __init__(self, model: nn.Module, T: float = 0.5, K: int = 2, alpha: float = 0.75, lambda_u: float = 75.0,
-                 rampup: int = 0, ema_decay: float | None = 0.999, use_sharpen: bool = True, use_mixup: bool = True,
+                 rampup: int = 16_000, ema_decay: float | None = 0.999, use_sharpen: bool = True, use_mixup: bool = True,
                  use_interleave: bool = True):
         super().__init__(model)
         if not T > 0: raise ValueError(f"T must be > 0, got {T}.")
@@ -152,13 +152,13 @@ class MixMatch(Method):
 def mixmatch_for(model: nn.Module, preset=None, **overrides) -> MixMatch:
     """MixMatch with the paper's T = 0.5, K = 2, alpha = 0.75, sized to the preset's budget.
 
-    lambda_u ramps up over 16,000 steps as in the paper, or over 30% of a shorter run. It ends at the paper's 75
-    only when the paper's ramp fits; shorter runs use 25, because with 75 the ramp ends while the guesses are still
-    poor and the cpu run collapsed (Chapter 5, "lambda_u and the budget"). The EMA's horizon 1 / (1 - decay) is 5%
-    of the run, at most the paper's decay 0.999. `overrides` change any of these, or switch off parts for ablations."""
+    lambda_u ramps up over 16,000 steps as in the paper, or over 30% of a shorter run. It ends at the paper's 75 in
+    long runs (where that ramp is at most 30% of the run) and at 25 in shorter ones: on the cpu budget 75 collapsed
+    and 25 did not (Chapter 5, "lambda_u and the budget"). The EMA's horizon 1 / (1 - decay) is 5% of the run, at
+    most the paper's decay 0.999. `overrides` change any of these, or switch off parts for ablations."""
     steps = preset.fit.steps if preset is not None else 1000
-    rampup = min(16_000, int(0.3 * steps))
-    kwargs = dict(rampup=rampup, lambda_u=75.0 if rampup == 16_000 else 25.0,
+    long_run = 0.3 * steps >= 16_000
+    kwargs = dict(rampup=16_000 if long_run else int(0.3 * steps), lambda_u=75.0 if long_run else 25.0,
                   ema_decay=min(0.999, max(0.0, 1 - 20 / steps)))
     return MixMatch(model, **{**kwargs, **overrides})
 

@@ -66,7 +66,7 @@ def test_mixmatch_loss_by_hand_without_mixup():
     "K = 1, no MixUp, no sharpening: the losses reduce to CE on x and the squared error to the guessed softmax."
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    mm = MixMatch(model, T=1.0, K=1, lambda_u=2.0, ema_decay=None, use_sharpen=False, use_mixup=False,
+    mm = MixMatch(model, T=1.0, K=1, lambda_u=2.0, rampup=0, ema_decay=None, use_sharpen=False, use_mixup=False,
                   use_interleave=False)
     x, y, u = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]), torch.rand(4, 1, 2, 2)
     aug = Augmenter(0, flip=False, pad_frac=0.0)                     # no randomness left in weak views
@@ -80,7 +80,7 @@ def test_mixmatch_loss_by_hand_without_mixup():
 
 def test_no_gradient_into_guessed_labels():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    mm = MixMatch(model, K=2, ema_decay=None)
+    mm = MixMatch(model, K=2, rampup=0, ema_decay=None)          # full weight at step 0
     seen = {}
     orig = mm._forward_in_chunks
     def spy(x, b):
@@ -95,6 +95,7 @@ def test_no_gradient_into_guessed_labels():
     assert all(p.grad is not None for p in model.parameters())
 
 def test_lambda_u_ramps_linearly():
+    assert MixMatch(nn.Linear(2, 2), ema_decay=None).rampup == 16_000               # the paper's ramp by default
     mm = MixMatch(nn.Linear(2, 2), lambda_u=75, rampup=100, ema_decay=None)
     assert [mm.weight(t) for t in (0, 50, 100, 1000)] == [0.0, 37.5, 75.0, 75.0]
 
@@ -148,7 +149,7 @@ def test_mixmatch_loss_by_hand_with_mixup_and_sharpening(monkeypatch):
     real = mmod.mixup
     monkeypatch.setattr(mmod, "mixup", lambda *a: (seen.update(args=a), real(*a))[1])
     monkeypatch.setattr(mmod, "mix_lambda", lambda alpha, n=None: torch.linspace(0.5, 1.0, n))
-    mm = MixMatch(model, T=0.5, K=2, lambda_u=3.0, ema_decay=None, use_interleave=False)
+    mm = MixMatch(model, T=0.5, K=2, lambda_u=3.0, rampup=0, ema_decay=None, use_interleave=False)
     x, y, u = torch.rand(2, 1, 2, 2), torch.tensor([0, 2]), torch.rand(4, 1, 2, 2)
     aug = Augmenter(0, flip=False, pad_frac=0.0)                     # weak views equal the images
     loss, logs = mm.training_step(Batch(x, y, u, None, aug, step=10))
@@ -183,7 +184,7 @@ def test_interleave_does_not_change_the_loss_without_batchnorm():
     losses = []
     for inter in (True, False):
         torch.manual_seed(5)
-        mm = MixMatch(model, K=2, ema_decay=None, use_interleave=inter)
+        mm = MixMatch(model, K=2, rampup=0, ema_decay=None, use_interleave=inter)
         losses.append(mm.training_step(batch())[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
