@@ -163,14 +163,19 @@ def strong_augment(x: torch.Tensor, g: torch.Generator, flip: bool = True, pad_f
 from .data import to_unit
 
 class Augmenter:
-    "Weak and strong augmentation of uint8 batches with one seeded generator."
+    "Weak and strong augmentation of uint8 batches with one seeded generator; always in float32, even under autocast."
     def __init__(self, seed: int = 0, flip: bool = True, pad_frac: float = 0.125, n_ops: int = 2,
                  cutout_frac: float = 0.5):
         self.g = torch.Generator().manual_seed(seed)
         self.flip, self.pad_frac, self.n_ops, self.cutout_frac = flip, pad_frac, n_ops, cutout_frac
 
     def _unit(self, x: torch.Tensor) -> torch.Tensor:
-        return to_unit(x) if x.dtype == torch.uint8 else x
+        return to_unit(x) if x.dtype == torch.uint8 else x.float()
+
+    def _fp32(self, x: torch.Tensor):
+        # `fit` trains under bf16 autocast where the hardware has it; geometric and colour operations in bf16 would
+        # move grey levels by up to 14/255, so augmentation opts out of autocast
+        return torch.autocast(x.device.type, enabled=False)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         "No augmentation: just floats in [0, 1]."
@@ -178,11 +183,12 @@ class Augmenter:
 
     def weak(self, x: torch.Tensor) -> torch.Tensor:
         "Flip (if allowed) and translate."
-        return weak_augment(self._unit(x), self.g, self.flip, self.pad_frac)
+        with self._fp32(x): return weak_augment(self._unit(x), self.g, self.flip, self.pad_frac)
 
     def strong(self, x: torch.Tensor) -> torch.Tensor:
         "Weak, then RandAugment per image, then cutout."
-        return strong_augment(self._unit(x), self.g, self.flip, self.pad_frac, self.n_ops, self.cutout_frac)
+        with self._fp32(x):
+            return strong_augment(self._unit(x), self.g, self.flip, self.pad_frac, self.n_ops, self.cutout_frac)
 
 # %% ../nbs/toolkit/augment.ipynb #c017
 def show_augmentations(images: torch.Tensor, aug: Augmenter, n_views: int = 2, title: str = ""):

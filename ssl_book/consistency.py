@@ -6,18 +6,19 @@ Docs: https://ssl-book.github.io/ssl_book/consistency.html.md"""
 
 # %% ../nbs/03_consistency.ipynb #c006
 from __future__ import annotations
-import contextlib, copy, math
+import contextlib, copy, math, warnings
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train import Batch, History, Method, ema_update, register_method
+from .train import Batch, History, Method, ema_decay_at, ema_update, register_method
 
 # %% auto #0
-__all__ = ['sigmoid_rampup', 'softmax_mse', 'bn_stats_frozen', 'PiModel', 'MeanTeacher', 'kl_from_logits', 'vat_perturbation',
-           'VAT', 'fixmatch_loss', 'uda_loss', 'WeakStrong', 'FixMatch', 'UDA', 'pseudo_label_accuracy']
+__all__ = ['sigmoid_rampup', 'softmax_mse', 'bn_stats_frozen', 'head_dropout', 'PiModel', 'MeanTeacher', 'kl_from_logits',
+           'vat_perturbation', 'VAT', 'fixmatch_loss', 'uda_loss', 'WeakStrong', 'FixMatch', 'UDA',
+           'pseudo_label_accuracy']
 
 # %% ../nbs/03_consistency.ipynb #c008
 def sigmoid_rampup(t: float, length: float) -> float:
@@ -51,13 +52,23 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[nn.Module]:
             for k, v in state.items(): getattr(m, k).data.copy_(v)
 
 # %% ../nbs/03_consistency.ipynb #c015
-def _set_dropout(model: nn.Module, p: float | None) -> None:
-    "Set the classifier head's dropout rate, in place (None: keep the model's)."
+def _check_dropout(model: nn.Module, p: float | None) -> None:
+    "Validate a head-dropout rate; warn when the model has no `dropout` layer for it to act on."
     if p is None: return
     if not 0 <= p < 1: raise ValueError(f"dropout must be in [0, 1), got {p}.")
     if not isinstance(getattr(model, "dropout", None), nn.Dropout):
-        raise ValueError("this model has no `dropout` layer to set; pass dropout=None.")
-    model.dropout.p = p
+        warnings.warn(f"{type(model).__name__} has no `dropout` layer, so dropout={p} adds no noise; "
+                      "pass dropout=None to silence this, or use a model built by ssl_book.models.", stacklevel=3)
+
+@contextlib.contextmanager
+def head_dropout(model: nn.Module, p: float | None) -> Iterator[nn.Module]:
+    "Inside the block, the model's `dropout` layer (if any) drops with rate p; its own rate comes back afterwards."
+    layer = getattr(model, "dropout", None)
+    if p is None or not isinstance(layer, nn.Dropout):
+        yield model; return
+    old, layer.p = layer.p, p
+    try: yield model
+    finally: layer.p = old
 
 class PiModel(Method):
     "Π-model: two stochastic passes over each unlabeled image should give the same softmax."
@@ -68,14 +79,18 @@ class PiModel(Method):
                  stop_gradient: bool = True):
         super().__init__(model)
         if w_max < 0 or rampup < 0: raise ValueError(f"w_max and rampup must be >= 0, got {w_max} and {rampup}.")
-        _set_dropout(model, dropout)
-        self.w_max, self.rampup, self.stop_gradient = w_max, rampup, stop_gradient
+        _check_dropout(model, dropout)
+        self.w_max, self.rampup, self.dropout, self.stop_gradient = w_max, rampup, dropout, stop_gradient
 
     def weight(self, step: int) -> float:
         "The consistency weight at `step`: w_max times the Gaussian ramp-up."
         return self.w_max * sigmoid_rampup(step, self.rampup)
 
     def training_step(self, batch: Batch):
+        with head_dropout(self.model, self.dropout):          # the user's model keeps its own rate outside the step
+            return self._step(batch)
+
+    def _step(self, batch: Batch):
         n = len(batch.x)
         xw, ua, ub = batch.aug.weak(batch.x), batch.aug.weak(batch.u), batch.aug.weak(batch.u)
         logits = self.model(torch.cat([xw, ua]))                # BatchNorm sees labeled and unlabeled together
@@ -101,8 +116,8 @@ class MeanTeacher(Method):
         super().__init__(model)
         if w_max < 0 or rampup < 0: raise ValueError(f"w_max and rampup must be >= 0, got {w_max} and {rampup}.")
         if not 0 <= decay < 1: raise ValueError(f"decay must be in [0, 1), got {decay}.")
-        _set_dropout(model, dropout)
-        self.w_max, self.rampup, self.decay = w_max, rampup, decay
+        _check_dropout(model, dropout)
+        self.w_max, self.rampup, self.decay, self.dropout = w_max, rampup, decay, dropout
         self.teacher = copy.deepcopy(model).requires_grad_(False)
 
     def weight(self, step: int) -> float:
@@ -110,6 +125,10 @@ class MeanTeacher(Method):
         return self.w_max * sigmoid_rampup(step, self.rampup)
 
     def training_step(self, batch: Batch):
+        with head_dropout(self.model, self.dropout), head_dropout(self.teacher, self.dropout):
+            return self._step(batch)
+
+    def _step(self, batch: Batch):
         n = len(batch.x)
         self.teacher.to(batch.x.device).train()       # noisy teacher (dropout, batch statistics), as in the paper
         xw, us, ut = batch.aug.weak(batch.x), batch.aug.weak(batch.u), batch.aug.weak(batch.u)
@@ -123,7 +142,7 @@ class MeanTeacher(Method):
 
     def after_step(self, step: int) -> None:
         "Move the teacher towards the student; a short warm-up (decay ramps from 0) as in the paper's code."
-        ema_update(self.teacher, self.model, min(self.decay, 1 - 1 / (step + 2)))
+        ema_update(self.teacher, self.model, ema_decay_at(step, self.decay))
 
     def eval_model(self) -> nn.Module:
         "The teacher."

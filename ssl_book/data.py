@@ -6,7 +6,7 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/data.html.md"""
 
 # %% ../nbs/toolkit/data.ipynb #c003
 from __future__ import annotations
-import os
+import hashlib, os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,15 +140,18 @@ def _decode_folder(root: Path) -> ImageSet:
                     [c.name for c in classes], f"image folder {root}")
 
 def _cache_path(root: Path) -> Path:
-    writable = os.access(root.parent, os.W_OK)
-    key = str(root.resolve()).strip("/").replace("/", "_")
-    return root.with_name(root.name + ".npz") if writable else CACHE_DIR / f"{key}.npz"
+    "Under CACHE_DIR, never beside the user's data; the folder's absolute path names the file."
+    path = str(root.resolve())
+    return CACHE_DIR / "folders" / f"{root.name}-{hashlib.sha1(path.encode()).hexdigest()[:12]}.npz"
 
-def _folder_state(root: Path) -> np.ndarray:
-    "Newest modification time of the root and its class folders, and the number of image files."
-    dirs = [root] + _class_folders(root)
-    n_files = sum(1 for d in dirs[1:] for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    return np.array([max(d.stat().st_mtime for d in dirs), n_files])
+def _folder_state(root: Path) -> str:
+    "A digest of every image file's class, name, size and modification time: any change to any image changes it."
+    h = hashlib.sha1()
+    for d in _class_folders(root):
+        for f in sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+            st = f.stat()
+            h.update(f"{d.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 def read_image_folder(root: str | Path, cache: bool = True) -> ImageSet:
     "Read root/<class>/<image> into an `ImageSet`, caching the decoded arrays in an .npz file."
@@ -158,8 +161,7 @@ def read_image_folder(root: str | Path, cache: bool = True) -> ImageSet:
     path, state = _cache_path(root), _folder_state(root)
     if cache and path.exists():
         z = np.load(path)
-        # the cache is stale when a file was added or removed (that changes a folder's time and the count)
-        if "state" in z and z["state"][1] == state[1] and z["state"][0] <= path.stat().st_mtime:
+        if "state" in z and str(z["state"]) == state:         # stale after any image was added, removed or changed
             return ImageSet(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), list(z["classes"]),
                             str(z["source"]))
     s = _decode_folder(root)
@@ -168,7 +170,7 @@ def read_image_folder(root: str | Path, cache: bool = True) -> ImageSet:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, images=s.images.numpy(), labels=s.labels.numpy(), classes=np.array(s.classes),
-                     source=np.array(s.source), state=state)
+                     source=np.array(s.source), state=np.array(state))
             os.replace(tmp, path)
         except OSError:
             pass                      # a read-only place: decode again next time
@@ -254,6 +256,13 @@ class Split:
     unlabeled: torch.Tensor
     val: torch.Tensor
 
+    def digest(self) -> str:
+        "12 hex digits that name this split (its three index sets), for run names and results records."
+        h = hashlib.sha1()
+        for t in (self.labeled, self.unlabeled, self.val):
+            h.update(t.long().cpu().numpy().tobytes()); h.update(b"|")
+        return h.hexdigest()[:12]
+
     def __repr__(self) -> str:
         return f"Split(labeled={len(self.labeled)}, unlabeled={len(self.unlabeled)}, val={len(self.val)})"
 
@@ -262,6 +271,15 @@ def _per_class(total: int, n_classes: int, rng: np.random.Generator) -> np.ndarr
     counts = np.full(n_classes, total // n_classes)
     counts[rng.permutation(n_classes)[: total % n_classes]] += 1
     return counts
+
+def _proportional_subsample(idx: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    "n of `idx`, each class's share rounded by largest remainder (random ties), drawn at random within classes."
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * n / len(idx)
+    take = np.floor(quota).astype(int)
+    order = np.lexsort((rng.random(len(classes)), -(quota - take)))         # largest remainders first
+    take[order[: n - take.sum()]] += 1
+    return np.concatenate([rng.permutation(idx[y == c])[:k] for c, k in zip(classes, take)])
 
 def split(labels: torch.Tensor, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0, seed: int = 0) -> Split:
     "Stratified, seeded, disjoint labeled / unlabeled / validation indices; the unlabeled set is the rest by default."
@@ -297,13 +315,14 @@ def split(labels: torch.Tensor, n_labeled: int, n_unlabeled: int | None = None, 
                              "labeled and validation sets; ask for fewer.")
         # a stratified subsample of the rest: shuffle within classes, then take proportionally
         from sklearn.model_selection import train_test_split
-        if len(np.unique(y[rest])) <= n_unlabeled < len(rest):
+        counts = np.unique(y[rest], return_counts=True)[1]
+        if n_unlabeled == 0:
+            rest = rest[:0]
+        elif n_unlabeled < len(rest) and counts.min() >= 2 and len(counts) <= min(n_unlabeled, len(rest) - n_unlabeled):
             rest, _ = train_test_split(rest, train_size=n_unlabeled, stratify=y[rest],
                                        random_state=int(rng.integers(2**31)))
-        elif 0 < n_unlabeled < len(rest):         # fewer than one per class: stratifying is impossible
-            rest = rng.permutation(rest)[:n_unlabeled]
-        elif n_unlabeled == 0:
-            rest = rest[:0]
+        elif n_unlabeled < len(rest):   # scikit-learn refuses (a class with one example left, or too few per class)
+            rest = _proportional_subsample(rest, y[rest], n_unlabeled, rng)
     t = lambda parts: torch.from_numpy(np.sort(np.concatenate(parts) if isinstance(parts, list) else parts))
     return Split(t(lab), t(rest), t(val))
 

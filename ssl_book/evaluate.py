@@ -18,22 +18,23 @@ __all__ = ['predict', 'accuracy', 'confusion_matrix', 'per_class_accuracy', 'exp
 # %% ../nbs/toolkit/evaluate.ipynb #c004
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device: torch.device | str | None = None,
-            fn=None) -> torch.Tensor:
-    "Outputs of `fn(model, x)` (default: the logits) for uint8 images, in eval mode; returned on the CPU."
+            fn=None, amp: bool = False) -> torch.Tensor:
+    "Outputs of `fn(model, x)` (default: the logits) for uint8 images, in eval mode (bf16 autocast if `amp`); on the CPU."
     check_images(images)
-    device = device or next(model.parameters()).device
+    device = torch.device(device or next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
-        outs = [(fn or (lambda m, x: m(x)))(model, to_unit(images[i:i + batch_size].to(device))).float().cpu()
-                for i in range(0, len(images), batch_size)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outs = [(fn or (lambda m, x: m(x)))(model, to_unit(images[i:i + batch_size].to(device))).float().cpu()
+                    for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(outs)
 
-def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1024, device=None) -> float:
-    "Top-1 accuracy of `model` on an `ImageSet`, in [0, 1]."
-    return (predict(model, data.images, batch_size, device).argmax(1) == data.labels).float().mean().item()
+def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 1024, device=None, amp: bool = False) -> float:
+    "Top-1 accuracy of `model` on an `ImageSet`, in [0, 1] (`amp`: in bf16 autocast, as `fit` trained it)."
+    return (predict(model, data.images, batch_size, device, amp=amp).argmax(1) == data.labels).float().mean().item()
 
 # %% ../nbs/toolkit/evaluate.ipynb #c007
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:

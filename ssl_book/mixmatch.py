@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .consistency import bn_stats_frozen
-from .train import Batch, Method, ema_update, register_method
+from .train import Batch, Method, ema_decay_at, ema_update, register_method
 
 # %% auto #0
 __all__ = ['sharpen', 'guess_labels', 'mix_lambda', 'mixup', 'interleave', 'MixMatch', 'mixmatch_for']
@@ -134,7 +134,7 @@ class MixMatch(Method):
         "Update the EMA copy used for evaluation."
         if self.ema is not None:
             self.ema.to(next(self.model.parameters()).device)
-            ema_update(self.ema, self.model, min(self.ema_decay, 1 - 1 / (step + 2)))
+            ema_update(self.ema, self.model, ema_decay_at(step, self.ema_decay))
 
     def eval_model(self) -> nn.Module:
         "The EMA copy (or the raw model when ema_decay is None)."

@@ -67,8 +67,9 @@ def small_cnn(in_channels: int = 3, n_classes: int = 10, width: int = 32, dropou
 # %% ../nbs/toolkit/models.ipynb #c008
 class _WideBlock(nn.Module):
     "A pre-activation residual block: BN, leaky ReLU, conv, BN, leaky ReLU, conv."
-    def __init__(self, c_in: int, c_out: int, stride: int, bn_momentum: float):
+    def __init__(self, c_in: int, c_out: int, stride: int, bn_momentum: float, activate_before_residual: bool = False):
         super().__init__()
+        self.activate_before_residual = activate_before_residual
         self.bn1 = nn.BatchNorm2d(c_in, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, momentum=bn_momentum)
@@ -78,8 +79,9 @@ class _WideBlock(nn.Module):
     def forward(self, x):
         o = F.leaky_relu(self.bn1(x), 0.1)
         y = self.conv2(F.leaky_relu(self.bn2(self.conv1(o)), 0.1))
-        # a projection shortcut sees the activated input, as in pre-activation ResNets
-        return y + (x if self.shortcut is None else self.shortcut(o))
+        # as in the reference: the shortcut sees the activated input only where activate_before_residual is set
+        if self.shortcut is None: return y + x
+        return y + self.shortcut(o if self.activate_before_residual else x)
 
 def wide_resnet(depth: int = 28, widen: int = 2, in_channels: int = 3, n_classes: int = 10,
                 bn_momentum: float = 0.001, dropout: float = 0.0, mean=None, std=None) -> Classifier:
@@ -93,7 +95,8 @@ def wide_resnet(depth: int = 28, widen: int = 2, in_channels: int = 3, n_classes
         for i in range(n):
             c_in = ch[stage] if i == 0 else ch[stage + 1]
             stride = 2 if (i == 0 and stage > 0) else 1
-            layers.append(_WideBlock(c_in, ch[stage + 1], stride, bn_momentum))
+            layers.append(_WideBlock(c_in, ch[stage + 1], stride, bn_momentum,
+                                     activate_before_residual=(stage == 0 and i == 0)))
     layers += [nn.BatchNorm2d(ch[3], momentum=bn_momentum), nn.LeakyReLU(0.1),
                nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     model = Classifier(nn.Sequential(*layers), ch[3], n_classes, dropout)

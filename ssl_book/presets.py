@@ -39,11 +39,13 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", data="digits", model="cnn", model_kwargs={"width": 16},
         n_labeled=50, label_counts=(20, 50, 200, None),
-        fit=FitConfig(steps=300, batch_size=32, mu=3, lr=0.05, weight_decay=5e-4, eval_every=50, flip=False)),
+        fit=FitConfig(steps=300, batch_size=32, mu=3, lr=0.05, weight_decay=5e-4, ema_decay=0.93, eval_every=50,
+                      flip=False)),
     "cpu": Preset(
         name="cpu", data="cifar10", model="cnn", model_kwargs={"width": 32},
         n_labeled=1000, n_unlabeled=20000, label_counts=(250, 1000, 4000, 5000, None),
-        fit=FitConfig(steps=2000, batch_size=64, mu=2, lr=0.05, weight_decay=5e-4, warmup=100, eval_every=250)),
+        fit=FitConfig(steps=2000, batch_size=64, mu=2, lr=0.05, weight_decay=5e-4, warmup=100, ema_decay=0.99,
+                      eval_every=250)),
     "gpu": Preset(
         name="gpu", data="cifar10", model="wrn28_2",
         n_labeled=4000, label_counts=(250, 1000, 4000, None),

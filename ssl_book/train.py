@@ -6,7 +6,7 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/train.html.md"""
 
 # %% ../nbs/toolkit/train.ipynb #c003
 from __future__ import annotations
-import copy, math, os, time
+import copy, hashlib, inspect, math, os, re, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -20,25 +20,31 @@ from .data import ImageSet, Split, StepSampler, default_device
 from .evaluate import accuracy
 
 # %% auto #0
-__all__ = ['METHODS', 'Batch', 'Method', 'register_method', 'Supervised', 'FitConfig', 'make_optimizer', 'lr_factor',
-           'ema_update', 'History', 'save_checkpoint', 'load_checkpoint', 'step_seed', 'NonFiniteLossError', 'fit']
+__all__ = ['METHODS', 'PRECISIONS', 'Batch', 'Method', 'register_method', 'Supervised', 'FitConfig', 'cpu_has_bf16',
+           'resolve_precision', 'make_optimizer', 'lr_factor', 'ema_update', 'ema_decay_at', 'History',
+           'save_checkpoint', 'load_checkpoint', 'step_seed', 'NonFiniteLossError', 'run_identity', 'fit']
 
 # %% ../nbs/toolkit/train.ipynb #c005
 @dataclass
 class Batch:
-    "One step's data on the device: labeled (x, y), unlabeled u (with hidden labels u_y), and the augmenter."
+    "One step's data on the device: labeled (x, y), unlabeled u (hidden labels u_y), dataset indices, the augmenter."
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None                # None in a label-free stage
     u: torch.Tensor | None
-    u_y: torch.Tensor | None
+    u_y: torch.Tensor | None              # hidden labels: for logging only, never for the loss
     aug: Augmenter
     step: int
+    idx: torch.Tensor | None = None       # positions of x in the training set (for per-image state)
+    u_idx: torch.Tensor | None = None     # positions of u in the training set
+
+_PLAIN = (bool, int, float, str, type(None))
 
 class Method:
-    "Base class: a method owns its model and turns a `Batch` into (loss, logs)."
+    "Base class: a method owns its model and turns a `Batch` into (loss, logs). Hooks default to plain training."
     name = "method"
     ema_model: nn.Module | None = None    # set by `fit` when cfg.ema_decay > 0
     uses_unlabeled = False          # True: fit draws an unlabeled batch of mu * batch_size
+    uses_labels = True              # False: a label-free stage; fit passes no labels and measures no test accuracy
     owns_ema = False                # True: the method keeps its own average (a teacher); fit adds none
 
     def __init__(self, model: nn.Module):
@@ -50,7 +56,6 @@ class Method:
 
     def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
         "Called once by `fit` before training (and before a resume). Default: nothing; self-training keeps its pool."
-        pass
 
     def after_step(self, step: int) -> None:
         "Called after each optimiser step (e.g. to update a teacher)."
@@ -62,6 +67,35 @@ class Method:
     def parameters(self):
         "The parameters the optimiser updates."
         return self.model.parameters()
+
+    def param_groups(self) -> list[dict]:
+        "Optimiser groups; a group's `lr_scale` (default 1) multiplies the scheduled learning rate."
+        return [{"params": list(self.parameters())}]
+
+    def train_mode(self) -> None:
+        "Set train/eval mode before each step. Default: the whole model trains."
+        self.model.train()
+
+    def check_inputs(self, train: ImageSet, split: Split, cfg: "FitConfig") -> None:
+        "Raise a ValueError for data this method cannot train on. Default: a linear head must fit the classes."
+        head = getattr(self.model, "head", None)
+        if self.uses_labels and isinstance(head, nn.Linear) and head.out_features != train.n_classes:
+            raise ValueError(f"the model predicts {head.out_features} classes but the data have {train.n_classes}.")
+
+    def metrics(self, test: ImageSet | None, device: torch.device) -> dict[str, float]:
+        "Extra numbers for each evaluation's history row (e.g. kNN accuracy). Default: none."
+        return {}
+
+    def settings(self) -> dict:
+        "The constructor's arguments with plain values: they name the run (checkpoints, results records)."
+        names = [p for c in type(self).__mro__ if "__init__" in vars(c)
+                 for p in inspect.signature(c.__init__).parameters if p not in ("self", "model")]
+        out = {}
+        for k in dict.fromkeys(names):
+            v = getattr(self, k, None) if hasattr(self, k) else ...
+            if isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v)):
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
     def state_dict(self) -> dict:
         "Extra state beyond `self.model` to checkpoint (e.g. a teacher)."
@@ -93,9 +127,11 @@ class Supervised(Method):
 register_method("supervised", lambda model, preset=None: Supervised(model))
 
 # %% ../nbs/toolkit/train.ipynb #c011
+PRECISIONS = ("auto", "fp32", "bf16")
+
 @dataclass
 class FitConfig:
-    "Everything `fit` needs to know about optimisation, augmentation and evaluation."
+    "Everything `fit` needs to know about optimisation, augmentation, precision and evaluation."
     steps: int = 1000                 # optimiser steps
     batch_size: int = 64              # labeled images per step
     mu: int = 0                       # unlabeled images per step = mu * batch_size (0: none)
@@ -105,10 +141,11 @@ class FitConfig:
     weight_decay: float = 5e-4        # on weights only, not on biases or BatchNorm
     warmup: int = 0                   # steps of linear warm-up
     schedule: str = "cosine"          # "cosine" (to zero at `steps`) or "constant"
-    ema_decay: float = 0.0            # > 0: also keep and evaluate an EMA copy of the model
+    ema_decay: float = 0.0            # > 0: also keep and evaluate an EMA copy of the model (with a warm-up)
     eval_every: int = 100             # steps between evaluations (and history rows)
     flip: bool = True                 # horizontal flips (off for digits)
     pad_frac: float = 0.125           # translation range, as a fraction of the image side
+    precision: str = "auto"           # "auto": bf16 autocast where the hardware has it (see resolve_precision)
     seed: int = 0
 
     def __post_init__(self):
@@ -120,13 +157,38 @@ class FitConfig:
         if not self.lr > 0 or self.warmup < 0 or self.weight_decay < 0:
             raise ValueError("lr must be > 0, and warmup and weight_decay >= 0.")
         if not 0 <= self.pad_frac < 0.5: raise ValueError(f"pad_frac must be in [0, 0.5), got {self.pad_frac}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+
+# %% ../nbs/toolkit/train.ipynb #c011b
+def cpu_has_bf16() -> bool:
+    "True when the CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16; read from /proc/cpuinfo on Linux)."
+    try: flags = Path("/proc/cpuinfo").read_text()
+    except OSError: return False                     # not Linux: assume no, and stay in float32
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    "'fp32' or 'bf16': what `precision` ('auto', 'fp32' or 'bf16') means on `device`."
+    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision != "auto": return precision
+    device = torch.device(device)
+    if device.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu": return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
 
 # %% ../nbs/toolkit/train.ipynb #c013
-def make_optimizer(params: Iterable[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], cfg: FitConfig) -> torch.optim.Optimizer:
     "SGD with Nesterov momentum or Adam; weight decay on tensors with more than one dimension only."
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    params = list(params)
+    given = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = []
+    for g in given:               # each given group splits in two: weights (decayed) and biases/BatchNorm (not)
+        ps = [p for p in g["params"] if p.requires_grad]
+        extra = {k: v for k, v in g.items() if k != "params"}
+        groups += [{**extra, "params": [p for p in ps if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                   {**extra, "params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups: raise ValueError("there are no trainable parameters to optimise.")
     if cfg.optimizer == "adam": return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
@@ -145,6 +207,11 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     for e, m in zip(ema_model.state_dict().values(), model.state_dict().values()):
         if e.dtype.is_floating_point: e.lerp_(m, 1 - decay)
         else: e.copy_(m)
+
+def ema_decay_at(step: int, decay: float) -> float:
+    "The decay to use after optimiser step `step` (from 0): min(decay, 1 - 1/(step + 2)), Mean Teacher's warm-up."
+    if not 0 <= decay <= 1: raise ValueError(f"decay must be in [0, 1], got {decay}.")
+    return min(decay, 1 - 1 / (step + 2))
 
 # %% ../nbs/toolkit/train.ipynb #c019
 class History:
@@ -196,24 +263,33 @@ class NonFiniteLossError(ValueError):
 # %% ../nbs/toolkit/train.ipynb #c023
 def _check_fit_inputs(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None) -> None:
     "Clear errors for the mistakes that would otherwise surface deep inside torch."
-    if len(split.labeled) == 0: raise ValueError("the split has no labeled examples.")
+    if method.uses_labels and len(split.labeled) == 0: raise ValueError("the split has no labeled examples.")
+    if not method.uses_labels and len(split.labeled) + len(split.unlabeled) == 0:
+        raise ValueError("the split has no training images.")
     for name in ("labeled", "unlabeled"):
         idx = getattr(split, name)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(train)):
             raise ValueError(f"split.{name} has indices outside 0..{len(train) - 1}; was it made for another data set?")
     if method.uses_unlabeled and (cfg.mu < 1 or len(split.unlabeled) == 0):
         raise ValueError(f"{method.name} needs unlabeled data: set mu >= 1 and give the split unlabeled indices.")
-    head = getattr(method.model, "head", None)
-    if isinstance(head, nn.Linear) and head.out_features != train.n_classes:
-        raise ValueError(f"the model predicts {head.out_features} classes but the data have {train.n_classes}.")
+    method.check_inputs(train, split, cfg)
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
         raise ValueError(f"test images are {tuple(test.images.shape[1:])}, train images {tuple(train.images.shape[1:])}.")
 
-def _run_identity(method: Method, train: ImageSet, split: Split, cfg: FitConfig) -> dict:
-    "What must match for a checkpoint to be resumed: method, data size, split and FitConfig."
-    digest = lambda t: int((t.long() * torch.arange(1, len(t) + 1)).sum()) if len(t) else 0
-    return {"method": method.name, "n_train": len(train), "labeled": digest(split.labeled),
-            "unlabeled": digest(split.unlabeled), "config": asdict(cfg)}
+def run_identity(method: Method, train: ImageSet, split: Split, cfg: FitConfig) -> dict:
+    "What must match for a checkpoint to be resumed: the method and its settings, data size, split and FitConfig."
+    return {"method": method.name, "settings": method.settings(), "n_train": len(train), "split": split.digest(),
+            "config": asdict(cfg)}
+
+def _evaluate(method: Method, ema: nn.Module | None, test: ImageSet | None, device: torch.device, amp: bool) -> dict:
+    "Test accuracy of the averaged weights (fit's EMA or the method's own) and of the raw ones, and the method's metrics."
+    row = {}
+    if test is not None and method.uses_labels:
+        acc = lambda m: accuracy(m, test, device=device, amp=amp)
+        avg = ema if ema is not None else (method.eval_model() if method.owns_ema else None)
+        if avg is None: row["test_acc"] = acc(method.eval_model())
+        else: row["test_acc"], row["test_acc_raw"] = acc(avg), acc(method.model)
+    return {**row, **method.metrics(test, device)}
 
 # %% ../nbs/toolkit/train.ipynb #c025
 def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None = None,
@@ -222,22 +298,25 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     "Train `method` on `train` restricted to `split`; evaluate (and checkpoint) every cfg.eval_every steps."
     device = torch.device(device) if device is not None else default_device()
     _check_fit_inputs(method, train, split, cfg, test)
+    amp = resolve_precision(cfg.precision, device) == "bf16"
     model = method.model.to(device)
+    if amp or device.type == "cuda": model.to(memory_format=torch.channels_last)
     method.setup(train, split, device)
-    if device.type == "cuda": model.to(memory_format=torch.channels_last)
     images, labels = train.images.to(device), train.labels.to(device)
-    lab = StepSampler(split.labeled, cfg.batch_size, cfg.seed)
+    # a label-free stage draws its images from the labeled and the unlabeled part alike
+    pool = split.labeled if method.uses_labels else torch.cat([split.labeled, split.unlabeled]).sort().values
+    lab = StepSampler(pool, cfg.batch_size, cfg.seed)
     unl = StepSampler(split.unlabeled, cfg.mu * cfg.batch_size, cfg.seed + 1) if method.uses_unlabeled else None
-    opt = make_optimizer(method.parameters(), cfg)
+    opt = make_optimizer(method.param_groups(), cfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay and not method.owns_ema else None
     history, start, elapsed = History(), 0, 0.0
-    run = _run_identity(method, train, split, cfg)
+    run = run_identity(method, train, split, cfg)
 
     if checkpoint is not None and Path(checkpoint).exists():                      # resume
         state = load_checkpoint(checkpoint, device)
         if state["run"] != run:
-            raise ValueError(f"{checkpoint} belongs to another run (method, data, split or FitConfig differ); "
-                             "delete it or use another path.")
+            raise ValueError(f"{checkpoint} belongs to another run (method, its settings, data, split or FitConfig "
+                             "differ); delete it or use another path.")
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         if ema is not None: ema.load_state_dict(state["ema"])
@@ -257,13 +336,13 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
         torch.manual_seed(step_seed(cfg.seed, step))                              # dropout and friends
         il = lab.batch(step).to(device)
         iu = unl.batch(step).to(device) if unl is not None else None
-        batch = Batch(images[il], labels[il], images[iu] if iu is not None else None,
-                      labels[iu] if iu is not None else None,
-                      Augmenter(step_seed(cfg.seed + 1, step), cfg.flip, cfg.pad_frac), step)
+        hide = lambda i: labels[i] if i is not None and method.uses_labels else None   # no labels for label-free
+        batch = Batch(images[il], hide(il), images[iu] if iu is not None else None, hide(iu),
+                      Augmenter(step_seed(cfg.seed + 1, step), cfg.flip, cfg.pad_frac), step, il, iu)
         lr = cfg.lr * lr_factor(step, cfg)
-        for group in opt.param_groups: group["lr"] = lr
-        model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for group in opt.param_groups: group["lr"] = lr * group.get("lr_scale", 1.0)
+        method.train_mode()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):    # augmentation stays float32
             loss, logs = method.training_step(batch)
         if not torch.isfinite(loss):                                              # (a device sync, worth it)
             raise NonFiniteLossError(f"the loss is {loss.item()} at step {step} (learning rate {lr:.4g}). "
@@ -272,7 +351,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
         loss.backward()
         opt.step()
         method.after_step(step)
-        if ema is not None: ema_update(ema, model, cfg.ema_decay)
+        if ema is not None: ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
         for k, v in {"loss": loss, **logs}.items():                               # summed on the device
             sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float()
         count += 1
@@ -280,10 +359,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             elapsed += time.perf_counter() - t0
             row = {"step": step + 1, "lr": lr, "time_s": round(elapsed, 2),
-                   **{k: (v / count).item() for k, v in sums.items()}}
-            if test is not None:
-                row["test_acc"] = accuracy(ema if ema is not None else method.eval_model(), test, device=device)
-                if ema is not None: row["test_acc_raw"] = accuracy(method.eval_model(), test, device=device)
+                   **{k: (v / count).item() for k, v in sums.items()}, **_evaluate(method, ema, test, device, amp)}
             history.append(row)
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "test_acc") if k in row})
             sums, count = {}, 0

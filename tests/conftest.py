@@ -16,6 +16,14 @@ def digits():
 def synthetic():
     return make_synthetic(n_per_class=30, n_classes=4, size=8)
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    "Caches that the tests write go to a temporary folder, not to the user's ~/.cache."
+    import ssl_book.data as data_module
+    old, data_module.CACHE_DIR = data_module.CACHE_DIR, tmp_path_factory.mktemp("cache")
+    yield
+    data_module.CACHE_DIR = old
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -203,7 +203,7 @@ def test_fixmatch_logs_mask_and_pseudo_label_accuracy_from_hidden_labels():
     lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3), eps=0.0, xi=0.1),
     lambda: vat_perturbation(nn.Linear(3, 2), torch.zeros(2, 3), eps=1.0, xi=0.1, n_power=0),
     lambda: PiModel(nn.Linear(3, 2), dropout=None, w_max=-1),
-    lambda: PiModel(nn.Linear(3, 2), dropout=0.2),                  # no dropout layer to set
+    lambda: PiModel(nn.Linear(3, 2), dropout=1.0),
     lambda: MeanTeacher(nn.Linear(3, 2), dropout=None, decay=1.0),
     lambda: FixMatch(nn.Linear(3, 2), tau=2.0),
     lambda: UDA(nn.Linear(3, 2), temperature=-1.0),
@@ -287,9 +287,30 @@ def test_fit_adds_no_ema_for_a_method_that_owns_one_and_reports_its_teacher(digi
     h = fit(mt, train, s, replace(preset.fit, steps=10, eval_every=10, ema_decay=0.99), test, progress=False,
             device="cpu")
     from ssl_book.evaluate import accuracy
-    assert mt.ema_model is None and "test_acc_raw" not in h.final
-    assert h.final["test_acc"] == accuracy(mt.teacher, test)
+    assert mt.ema_model is None                                       # no second average beside the teacher
+    assert h.final["test_acc"] == accuracy(mt.teacher, test) and h.final["test_acc_raw"] == accuracy(mt.model, test)
     fm = FixMatch(make_model(preset, train, 0))                      # a method without its own average gets one
     h = fit(fm, train, s, replace(preset.fit, steps=10, eval_every=10, ema_decay=0.99), test, progress=False,
             device="cpu")
     assert fm.ema_model is not None and "test_acc_raw" in h.final
+
+
+@pytest.mark.parametrize("cls", [PiModel, MeanTeacher])
+def test_default_dropout_works_on_a_model_without_dropout_and_leaves_the_users_model_alone(digits, cls):
+    "Regression: with their default dropout both raised on torchvision's resnet18, and both set model.dropout.p in place."
+    from torchvision.models import resnet18
+    train, test = digits
+    s = split(train.labels, 20, seed=0)
+    net = resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    with pytest.warns(UserWarning, match="no `dropout` layer"):
+        method = cls(net)
+    cfg = replace(get_preset("tiny").fit, steps=2, eval_every=2, batch_size=8, mu=1)
+    fit(method, train, s, cfg, test, progress=False, device="cpu")       # trains: no error
+    ours = make_model(get_preset("tiny"), train, 0)
+    assert ours.dropout.p == 0.0
+    m = cls(ours)
+    seen = []
+    ours.dropout.register_forward_hook(lambda mod, i, o: seen.append(mod.p))
+    fit(m, train, s, cfg, progress=False, device="cpu")
+    assert 0.2 in seen and ours.dropout.p == 0.0                        # 0.2 inside the step, 0.0 afterwards

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ssl_book.data as data_module
 from ssl_book.data import (ImageSet, StepSampler, check_images, check_labels, load_dataset, make_synthetic,
                            read_image_folder, split)
 
@@ -73,7 +74,8 @@ def test_image_folder_roundtrip_and_cache(tmp_path):
     s = read_image_folder(tmp_path / "imgs")
     assert s.classes == ["cat", "dog"] and s.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(s.images[4], written[("dog", 1)])                # PNG is lossless
-    assert (tmp_path / "imgs.npz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]          # nothing written beside the user's data
+    assert list((data_module.CACHE_DIR / "folders").glob("imgs-*.npz"))
     cached = read_image_folder(tmp_path / "imgs")
     assert torch.equal(cached.images, s.images) and cached.classes == s.classes
 
@@ -100,6 +102,15 @@ def test_folder_cache_notices_added_files(tmp_path):
     assert len(read_image_folder(tmp_path / "imgs")) == 4
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "imgs" / "a" / "new.png")
     assert len(read_image_folder(tmp_path / "imgs")) == 5                 # not the stale cache
+
+def test_folder_cache_notices_a_replaced_image_with_the_same_count(tmp_path):
+    "Regression: the cache returned the old arrays when an image was replaced by another and the count stayed."
+    _write_folder(tmp_path / "imgs", ["a", "b"], 2)
+    before = read_image_folder(tmp_path / "imgs")
+    victim = sorted((tmp_path / "imgs" / "a").iterdir())[0]
+    Image.fromarray(np.full((6, 6, 3), 7, np.uint8)).save(victim)
+    after = read_image_folder(tmp_path / "imgs")
+    assert len(after) == len(before) and (after.images[0] == 7).all() and not torch.equal(after.images, before.images)
 
 def test_cifar_layout_folder_is_found(tmp_path, monkeypatch):
     from ssl_book.data import CIFAR10_CLASSES
@@ -199,3 +210,18 @@ def test_sampler_batch_larger_than_set():
 
 def test_sampler_rejects_empty():
     with pytest.raises(ValueError): StepSampler(torch.tensor([], dtype=torch.long), 4)
+
+
+def test_split_when_a_class_has_one_unlabeled_example_left():
+    "Regression: scikit-learn's stratified subsample raised its own error when a class had one example in the rest."
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
+    s = split(labels, n_labeled=6, n_unlabeled=10, seed=0)          # class 2: 2 labeled, 1 left over
+    assert len(s.unlabeled) == 10 and not set(s.unlabeled.tolist()) & set(s.labeled.tolist())
+    counts = labels[s.unlabeled].bincount(minlength=3).tolist()
+    assert sum(counts) == 10 and max(abs(c - q) for c, q in zip(counts, [8 * 10 / 17, 8 * 10 / 17, 10 / 17])) < 1
+    assert torch.equal(split(labels, 6, 10, seed=0).unlabeled, s.unlabeled)          # still seeded
+
+def test_split_digest_names_the_split():
+    labels = torch.arange(40) % 4
+    a, b = split(labels, 8, seed=0), split(labels, 8, seed=1)
+    assert a.digest() == split(labels, 8, seed=0).digest() and a.digest() != b.digest() and len(a.digest()) == 12

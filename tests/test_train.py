@@ -39,9 +39,9 @@ def test_different_seed_different_weights(digits):
 
 class _Crash(Supervised):
     "Dies at a given step, like a Colab session that disconnects."
-    def __init__(self, model, at): super().__init__(model); self.at = at
+    def __init__(self, model, at): super().__init__(model); self._at = at     # private: not one of its settings
     def training_step(self, batch):
-        if batch.step == self.at: raise KeyboardInterrupt
+        if batch.step == self._at: raise KeyboardInterrupt
         return super().training_step(batch)
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
