@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## The main job on the embedded default: the supervised baseline on scikit-learn's digits.
+## The main job on the embedded default: every registered method and recipe against the supervised baseline on
+## scikit-learn's digits, on one split; prints the table and writes runs/bench/results.png.
 demo: $(STAMP)
 	$(BIN)/ssl-book bench --preset tiny
 
@@ -25,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	rm -rf .nbval && cp -r nbs .nbval
 	cd .nbval && ../$(BIN)/nbdev-clean --clear-all --fname .
-	SSL_BOOK_PRESET=tiny MPLBACKEND=Agg $(BIN)/pytest -q -p no:cacheprovider tests .nbval --nbval-lax
+	SSL_BOOK_PRESET=tiny MPLBACKEND=Agg $(BIN)/pytest -q -p no:cacheprovider --durations=10 tests .nbval --nbval-lax
 
 clean:
 	rm -rf .nbval runs _docs _proc

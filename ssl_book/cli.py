@@ -19,13 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare methods on the same split and seeds",
                        description="Train each method on the same seeded split and print test accuracy.")
     b.add_argument("--preset", default=None, help="tiny | cpu | gpu (default: $SSL_BOOK_PRESET, else gpu with CUDA, else cpu)")
-    b.add_argument("--methods", nargs="+", default=["supervised"], help="registered method names")
+    b.add_argument("--methods", nargs="+", default=None, help="registered methods or recipes (default: all of them)")
     b.add_argument("--labels", nargs="+", type=int, default=None, help="labeled examples (default: the preset's)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; each gives its own split")
     b.add_argument("--data", default=None, help="digits | cifar10 | folder | synthetic (default: the preset's)")
     b.add_argument("--root", default=None, help="data folder for --data folder or a local CIFAR-10 copy")
     b.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
     b.add_argument("--out", default="runs/bench", help="folder for results.json and results.png")
+    b.add_argument("--store", default=None, help="results store for one record per run (e.g. nbs/results); reused when present")
     b.add_argument("--progress", action="store_true", help="show a progress bar")
     s = sub.add_parser("student", help="write the student copy of a chapter notebook",
                        description="Replace solution regions by `raise NotImplementedError()`.")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args) -> int:
     from dataclasses import replace
-    from ssl_book.experiment import run_experiment, save_results, summarize, format_table
+    from ssl_book.experiment import available_methods, run_experiment, save_results, format_table
     from ssl_book.presets import get_preset
     from ssl_book.data import load_dataset
     preset = get_preset(args.preset)
@@ -58,8 +59,11 @@ def _bench(args) -> int:
     if args.steps is not None: preset = replace(preset, fit=replace(preset.fit, steps=args.steps))
     data = load_dataset(preset.data, root=args.root) if args.root else None
     print(preset.describe(), flush=True)
-    results = run_experiment(preset, args.methods, args.labels, args.seeds, data=data, progress=args.progress)
-    print(format_table(summarize(results)))
+    methods = args.methods or ["supervised"] + [m for m in available_methods() if m != "supervised"]
+    print(f"methods: {', '.join(methods)}; seeds: {' '.join(map(str, args.seeds))}", flush=True)
+    results = run_experiment(preset, methods, args.labels, args.seeds, data=data, progress=args.progress,
+                             store=args.store)
     paths = save_results(results, preset, args.out)
+    print(format_table(paths["rows"]))
     print(f"wrote {paths['json']} and {paths['png']}")
     return 0

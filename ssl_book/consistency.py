@@ -158,7 +158,7 @@ class MeanTeacher(Method):
 
 def _teacher_decay(preset) -> float:
     "EMA decay whose horizon 1 / (1 - decay) is 5% of the run (15 of the tiny preset's 300 steps), at most 0.999."
-    return min(0.999, 1 - 20 / preset.fit.steps) if preset is not None else 0.99
+    return max(0.0, min(0.999, 1 - 20 / preset.fit.steps)) if preset is not None else 0.99   # 0 for very short runs
 
 # %% ../nbs/03_consistency.ipynb #c022
 def _unit_rows(d: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ def strip_solutions(source: str, code: bool = True) -> str:
     return "\n".join(out)
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'strip_solutions', 'is_solution_cell', 'is_check_cell', 'make_student_copy', 'exercise_summary']
+__all__ = ['BEGIN', 'END', 'strip_solutions', 'is_solution_cell', 'is_check_cell', 'make_student_copy', 'exercise_summary',
+           'exercise_cells']
 
 # %% ../nbs/toolkit/exercises.ipynb #c005
 def is_solution_cell(cell: dict) -> bool:
@@ -65,3 +66,33 @@ def exercise_summary(notebook: str | Path) -> dict:
     "Counts of solution cells and auto-checked exercises (check cells) in a notebook."
     nb = nbformat.read(Path(notebook), as_version=4)
     return {"solutions": sum(is_solution_cell(c) for c in nb.cells), "checks": sum(is_check_cell(c) for c in nb.cells)}
+
+# %% ../nbs/toolkit/exercises.ipynb #c011
+def _names(source: str) -> tuple[set[str], set[str]] | None:
+    "(global names a cell binds, global names it reads before or without binding); None if it is not plain Python."
+    import symtable
+    try: top = symtable.symtable(source, "cell", "exec")
+    except SyntaxError: return None                       # IPython magics and the like
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    used = {s.get_name() for s in top.get_symbols() if s.is_referenced()}
+    stack = list(top.get_children())
+    while stack:                                          # functions, classes, comprehensions: their global reads
+        t = stack.pop()
+        used |= {s.get_name() for s in t.get_symbols() if s.is_referenced() and s.is_global()}
+        stack += t.get_children()
+    return defined, used
+
+def exercise_cells(nb) -> list[int]:
+    "Indices of the code cells that the exercises need: the exercise cells, imports, and what defines the names they use."
+    cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    info = {i: _names(c.source) for i, c in cells}
+    keep = {i for i, c in cells if is_solution_cell(c) or is_check_cell(c) or BEGIN in c.source or info[i] is None
+            or c.source.lstrip().startswith("#| export")          # the chapter's library: definitions only
+            or all(l.strip().startswith(("import ", "from ", "#")) or not l.strip() for l in c.source.splitlines())}
+    needed = set().union(*[info[i][1] for i in keep if info[i] is not None])
+    while True:                   # until nothing joins: a function may read a global that a later cell defines
+        grown = False
+        for i, c in reversed(cells):                     # a definer of a needed name joins the slice
+            if i in keep or info[i] is None or not info[i][0] & needed: continue
+            keep.add(i); needed |= info[i][1]; grown = True
+        if not grown: return sorted(keep)

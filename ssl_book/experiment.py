@@ -1,4 +1,4 @@
-"""`run_experiment` trains several methods on the same seeded split with the same budget and summarises the test accuracy as mean ± std over seeds; `ssl-book bench` is a thin wrapper around it.
+"""`run_experiment` trains several methods and recipes on the same seeded split with the same budget, writes one record per run, and summarises the test accuracy as mean ± std over seeds; `ssl-book bench` is a thin wrapper around it.
 
 Docs: https://ssl-book.github.io/ssl_book/toolkit/experiment.html.md"""
 
@@ -6,32 +6,34 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/experiment.html.md"""
 
 # %% ../nbs/toolkit/experiment.ipynb #c002
 from __future__ import annotations
-import importlib, json, statistics
+import importlib, json, os, time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from .data import ImageSet, load_dataset, split
+from .data import ImageSet, Split, load_dataset, split
 from .models import Classifier, build_model, channel_stats
 from .presets import Preset, get_preset
-from .train import METHODS, fit
+from .recipes import RECIPES, fit_recipe
+from .results import find_record, format_table, machine, run_id, save_record, summarize
+from .train import METHODS, fit, resolve_precision
+from .data import default_device
 
 # %% auto #0
-__all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_experiment', 'summarize', 'format_table', 'plot_summary',
-           'save_results']
+__all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_one', 'run_experiment', 'plot_summary', 'save_results']
 
 # %% ../nbs/toolkit/experiment.ipynb #c004
 CHAPTER_MODULES = ("introduction", "assumptions", "consistency", "pseudo_labels", "mixmatch",
                    "noisy_student", "simclr", "rotnet", "robustness")
 
 def available_methods() -> list[str]:
-    "The names of all registered methods, after importing the chapter modules that exist."
+    "The names of all registered methods and recipes, after importing the chapter modules that exist."
     for m in CHAPTER_MODULES:
         try: importlib.import_module(f"ssl_book.{m}")
         except ModuleNotFoundError as e:
             if e.name != f"ssl_book.{m}": raise            # a real missing dependency is an error
-    return sorted(METHODS)
+    return sorted(set(METHODS) | set(RECIPES))
 
 # %% ../nbs/toolkit/experiment.ipynb #c005
 def make_model(preset: Preset, train: ImageSet, seed: int = 0) -> Classifier:
@@ -41,11 +43,53 @@ def make_model(preset: Preset, train: ImageSet, seed: int = 0) -> Classifier:
     return build_model(preset.model, in_channels=train.images.shape[1], n_classes=train.n_classes,
                        mean=mean, std=std, **preset.model_kwargs)
 
+def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split, seed: int,
+            device: torch.device | str | None = None, progress: bool = False, store: str | Path | None = None,
+            checkpoint_dir: str | Path | None = None) -> dict:
+    "Train one registered method or recipe on split `s` (or read its record from `store`); return its record."
+    device = torch.device(device) if device is not None else default_device()
+    cfg = replace(preset.fit, seed=seed)
+    new_model = lambda: make_model(preset, train, seed)
+    recipe = RECIPES[name](preset) if name in RECIPES else None
+    method = METHODS[name](new_model(), preset) if recipe is None else None
+    identity = {"preset": preset.name, "data": train.source, "n_train": len(train), "model": preset.model,
+                "model_kwargs": preset.model_kwargs, "method": name, "labels": len(s.labeled),
+                "unlabeled": len(s.unlabeled), "seed": seed, "split": s.digest(), "config": asdict(cfg),
+                "settings": method.settings() if method is not None else
+                            [[st.name, st.share, st.config] for st in recipe.stages]}
+    rid = run_id(identity)
+    if store is not None and (old := find_record(store, preset.name, rid)) is not None:
+        return old                                              # this exact run is already in the store
+    ck = Path(checkpoint_dir) / preset.name / f"{name}-{len(s.labeled)}-s{seed}-{rid}" if checkpoint_dir else None
+    load_before, t0 = machine()["load"], time.time()
+    if recipe is not None:
+        res = fit_recipe(recipe, new_model, train, s, cfg, test, device, ck, progress, preset)
+        histories, settings = res.histories, res.settings()
+    else:
+        histories = [fit(method, train, s, cfg, test, device=device, checkpoint=ck and ck.with_suffix(".pt"),
+                         progress=progress)]
+        settings = method.settings()
+    final = histories[-1].final
+    averaged = "test_acc_raw" in final             # the run kept an average (fit's EMA, or the method's own)
+    record = {**{k: identity[k] for k in ("preset", "data", "method", "labels", "unlabeled", "seed", "split")},
+              "run_id": rid, "kind": "recipe" if recipe is not None else "method", "settings": settings,
+              "model": preset.model, "steps": cfg.steps, "config": asdict(cfg),
+              "precision": resolve_precision(cfg.precision, device), "device": device.type,
+              "test_acc": final["test_acc"], "test_acc_ema": final["test_acc"] if averaged else None,
+              "test_acc_raw": final["test_acc_raw"] if averaged else final["test_acc"],
+              "minutes": sum(h.final["time_s"] for h in histories) / 60, "wall_minutes": (time.time() - t0) / 60,
+              "load_before": load_before, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+              "history": histories[-1].rows,
+              "stage_histories": [h.rows for h in histories] if recipe is not None else None}
+    if store is not None: save_record(record, store)
+    return record
+
 def run_experiment(preset: Preset | str | None = None, methods: Sequence[str] = ("supervised",),
                    labels: Sequence[int | None] | None = None, seeds: Sequence[int] = (0,),
                    data: tuple[ImageSet, ImageSet] | str | None = None, progress: bool = False,
-                   device: torch.device | str | None = None) -> list[dict]:
-    "Train each method for each label count and seed on the same split; one result dict per run."
+                   device: torch.device | str | None = None, store: str | Path | None = None,
+                   checkpoint_dir: str | Path | None = None) -> list[dict]:
+    "Train each method or recipe for each label count and seed on the same split; one record per run (see `run_one`)."
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     known = available_methods()
     for m in methods:
@@ -60,34 +104,10 @@ def run_experiment(preset: Preset | str | None = None, methods: Sequence[str] = 
         for seed in seeds:
             s = split(train.labels, n_lab, n_unl, preset.n_val, seed=seed)
             for name in methods:
-                method = METHODS[name](make_model(preset, train, seed), preset)
-                cfg = replace(preset.fit, seed=seed)
-                h = fit(method, train, s, cfg, test, device=device, progress=progress)
-                results.append({"method": name, "labels": n_lab, "seed": seed, "test_acc": h.final["test_acc"],
-                                "minutes": h.final["time_s"] / 60, "history": h.rows})
+                results.append(run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir))
     return results
 
 # %% ../nbs/toolkit/experiment.ipynb #c007
-def summarize(results: list[dict]) -> list[dict]:
-    "Mean and std of test accuracy (in %) and mean minutes per (method, labels)."
-    groups: dict[tuple, list[dict]] = {}
-    for r in results: groups.setdefault((r["method"], r["labels"]), []).append(r)
-    rows = []
-    for (method, labels), rs in groups.items():
-        accs = [100 * r["test_acc"] for r in rs]
-        rows.append({"method": method, "labels": labels, "seeds": len(rs), "acc_mean": statistics.mean(accs),
-                     "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "minutes": statistics.mean(r["minutes"] for r in rs)})
-    return rows
-
-def format_table(rows: list[dict]) -> str:
-    "A plain-text table: method, labels, seeds, test accuracy mean ± std, minutes."
-    lines = [f"{'method':<16} {'labels':>7} {'seeds':>5} {'test acc (%)':>15} {'minutes':>8}"]
-    for r in rows:
-        lines.append(f"{r['method']:<16} {r['labels']:>7,} {r['seeds']:>5} "
-                     f"{r['acc_mean']:>8.2f} ± {r['acc_std']:<5.2f} {r['minutes']:>8.2f}")
-    return "\n".join(lines)
-
 def plot_summary(rows: list[dict], title: str = "", ax=None):
     "A bar chart of mean test accuracy with std error bars, one bar per (method, labels)."
     import matplotlib.pyplot as plt
@@ -100,12 +120,18 @@ def plot_summary(rows: list[dict], title: str = "", ax=None):
     return ax
 
 def save_results(results: list[dict], preset: Preset, out_dir: str | Path, title: str = "") -> dict:
-    "Write results.json (runs, summary and preset) and results.png (the bar chart) to `out_dir`."
+    "Write results.json (runs, summary and preset) and results.png (the leaderboard chart) to `out_dir`."
     import matplotlib.pyplot as plt
+    from ssl_book.results import plot_leaderboard
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(results)
+    rows = sorted(summarize(results), key=lambda r: (r["labels"], r["method"] != "supervised", -r["acc_mean"]))
     payload = {"preset": asdict(preset), "summary": rows, "runs": results}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
-    ax = plot_summary(rows, title or preset.describe())
-    ax.figure.savefig(out / "results.png", dpi=120); plt.close(ax.figure)
-    return {"json": out / "results.json", "png": out / "results.png"}
+    per_label = sorted({r["labels"] for r in rows})
+    fig, axes = plt.subplots(len(per_label), 1, figsize=(7.5, sum(0.45 * sum(r["labels"] == n for r in rows) + 1.4
+                                                                  for n in per_label)), squeeze=False)
+    for ax, n in zip(axes[:, 0], per_label):
+        plot_leaderboard([r for r in rows if r["labels"] == n], ax=ax,
+                         title=title or f"{preset.describe()}\n{n:,} labels, {rows[0]['seeds']} seed(s)")
+    fig.savefig(out / "results.png", dpi=120); plt.close(fig)
+    return {"json": out / "results.json", "png": out / "results.png", "rows": rows}

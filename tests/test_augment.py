@@ -127,3 +127,15 @@ def test_augmenter_takes_uint8_and_respects_no_flip():
     a = Augmenter(seed=0, flip=False, pad_frac=0.0)
     assert torch.equal(a.weak(u), u.float() / 255)                       # no flip, no translation
     assert Augmenter(seed=0).strong(u).dtype == torch.float32
+
+def test_augmentation_is_float32_under_autocast():
+    "Regression: under bf16 autocast, rotate, shear and translate moved grey levels by up to 14/255."
+    from ssl_book.augment import Augmenter
+    x = (torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    ref = Augmenter(3)
+    ref_w, ref_s = ref.weak(x), ref.strong(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = Augmenter(3)
+        w, s = a.weak(x), a.strong(x)
+    assert w.dtype == s.dtype == torch.float32
+    assert torch.equal(w, ref_w) and torch.equal(s, ref_s)

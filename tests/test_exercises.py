@@ -6,7 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from ssl_book.exercises import exercise_summary, is_check_cell, make_student_copy, strip_solutions
+from ssl_book.exercises import (exercise_cells, exercise_summary, is_check_cell, is_solution_cell, make_student_copy,
+                                strip_solutions)
 from conftest import ROOT
 
 CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
@@ -48,8 +49,20 @@ def test_each_chapter_has_exercises(nb):
     counts = exercise_summary(nb)
     assert counts["solutions"] >= 4 and counts["checks"] >= 2, counts
 
-def _execute(path, cwd):
-    nb = nbformat.read(path, as_version=4)
+def test_exercise_cells_keep_what_the_exercises_use_and_skip_the_rest():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import math"), nbformat.v4.new_code_cell("data = list(range(5))"),
+        nbformat.v4.new_code_cell("model = train_for_an_hour(data)"),
+        nbformat.v4.new_code_cell("def helper(x):\n    return math.sqrt(x) + offset"),
+        nbformat.v4.new_code_cell("offset = 1"),
+        nbformat.v4.new_code_cell("%matplotlib inline"),
+        nbformat.v4.new_code_cell("def total(xs):\n    ### BEGIN SOLUTION\n    return sum(xs)\n    ### END SOLUTION",
+                                  metadata={"nbgrader": {"solution": True}}),
+        nbformat.v4.new_code_cell("assert total(data) == 10 and helper(4) == 3", metadata={"nbgrader": {"grade": True}})])
+    # cell 2 (the training) is skipped; 3 is used by the check, and 4 by 3's function body; 5 is not Python: kept
+    assert exercise_cells(nb) == [0, 1, 3, 4, 5, 6, 7]
+
+def _execute(nb, cwd):
     env_before = os.environ.get("SSL_BOOK_PRESET")
     os.environ["SSL_BOOK_PRESET"] = "tiny"
     try:
@@ -63,15 +76,16 @@ def _execute(path, cwd):
 def _errors(cell):
     return [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
-def test_instructor_checks_pass_and_student_checks_fail(nb, tmp_path):
-    student = make_student_copy(nb, tmp_path / "student")
-    src = nbformat.read(student, as_version=4)
-    assert "### BEGIN SOLUTION" not in "".join(c.source for c in src.cells)
-    instructor_run = _execute(nb, nb.parent)
-    student_run = _execute(student, nb.parent)
-    assert not [c.source[:60] for c in instructor_run.cells if _errors(c)]
-    checks = [c for c in student_run.cells if is_check_cell(c) and c.cell_type == "code"]
-    assert checks and all(_errors(c) for c in checks)
-    assert all(any(e["ename"] == "NotImplementedError" for e in _errors(c)) for c in checks)
+def test_student_checks_fail_with_not_implemented(nb, tmp_path):
+    """The student copy's check cells fail until the student answers. Only the exercises' slice of the chapter runs:
+    nbval has already run the instructor's copy, solutions and checks included, in full."""
+    student = nbformat.read(make_student_copy(nb, tmp_path / "student"), as_version=4)
+    assert "### BEGIN SOLUTION" not in "".join(c.source for c in student.cells)
+    keep = exercise_cells(student)
+    student.cells = [c for i, c in enumerate(student.cells) if i in keep]
+    run = _execute(student, nb.parent)
+    checks = [c for c in run.cells if is_check_cell(c) and c.cell_type == "code"]
+    assert checks and all(any(e["ename"] == "NotImplementedError" for e in _errors(c)) for c in checks)
+    others = [c.source[:60] for c in run.cells if _errors(c) and not (is_check_cell(c) or is_solution_cell(c))]
+    assert not others, f"cells of the exercises' slice failed (a missing dependency?): {others}"

@@ -41,3 +41,20 @@ def test_bad_names():
         build_model("vgg16")
     with pytest.raises(ValueError, match="6n \\+ 4"):
         wide_resnet(depth=27)
+
+def test_wrn_shortcut_sees_the_activated_input_only_in_the_first_stage():
+    "As google-research/fixmatch libml/models.py: activate_before_residual only for the first block of stage 1."
+    import torch.nn.functional as F
+    from ssl_book.models import wide_resnet
+    m = wide_resnet(28, 2).eval()
+    blocks = [b for b in m.encoder if hasattr(b, "activate_before_residual")]
+    projecting = [b for b in blocks if b.shortcut is not None]
+    assert [b.activate_before_residual for b in projecting] == [True, False, False]
+    seen = {}
+    for i, b in enumerate(projecting):
+        b.shortcut.register_forward_hook(lambda mod, inp, out, i=i: seen.update({i: inp[0]}))
+        b.register_forward_hook(lambda mod, inp, out, i=i: seen.update({f"in{i}": inp[0]}))
+    m(torch.rand(2, 3, 32, 32))
+    for i, b in enumerate(projecting):
+        act = F.leaky_relu(b.bn1(seen[f"in{i}"]), 0.1)
+        assert torch.equal(seen[i], act if i == 0 else seen[f"in{i}"])

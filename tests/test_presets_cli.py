@@ -23,13 +23,15 @@ def test_unknown_preset(monkeypatch):
         get_preset("huge")
 
 def test_summary_mean_and_std():
-    rows = summarize([{"method": "m", "labels": 10, "test_acc": a, "minutes": 1.0} for a in (0.5, 0.7)])
+    rows = summarize([{"method": "m", "labels": 10, "test_acc": a, "test_acc_ema": a, "test_acc_raw": a - 0.1,
+                       "minutes": 1.0} for a in (0.5, 0.7)])
     assert rows[0]["acc_mean"] == pytest.approx(60.0) and rows[0]["acc_std"] == pytest.approx(14.1421356)
-    assert "60.00 ± 14.14" in format_table(rows)
+    assert rows[0]["raw_mean"] == pytest.approx(50.0)
+    assert "60.00 ± 14.14" in format_table(rows) and "50.00 ± 14.14" in format_table(rows)
 
 def test_bench_prints_table_and_writes_files(tmp_path, capsys):
-    rc = main(["bench", "--preset", "tiny", "--seeds", "0", "1", "--labels", "30", "--steps", "40",
-               "--out", str(tmp_path)])
+    rc = main(["bench", "--preset", "tiny", "--methods", "supervised", "--seeds", "0", "1", "--labels", "30",
+               "--steps", "40", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0 and "supervised" in out and "±" in out
     res = json.loads((tmp_path / "results.json").read_text())
@@ -60,6 +62,20 @@ def test_bench_on_an_image_folder(tmp_path, capsys):
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(10):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
-    rc = main(["bench", "--preset", "tiny", "--data", "folder", "--root", str(tmp_path / "data"), "--labels", "4",
+    rc = main(["bench", "--preset", "tiny", "--methods", "supervised", "--data", "folder", "--root", str(tmp_path / "data"), "--labels", "4",
                "--steps", "5", "--out", str(tmp_path / "out")])
     assert rc == 0 and "supervised" in capsys.readouterr().out
+
+
+def test_bench_runs_every_registered_method_and_recipe_by_default(tmp_path, capsys):
+    "The main job (`make demo`): every method and recipe on the same split, a table and a chart."
+    rc = main(["bench", "--preset", "tiny", "--steps", "6", "--out", str(tmp_path), "--store", str(tmp_path / "store")])
+    out = capsys.readouterr().out
+    names = available_methods()
+    assert rc == 0 and "teacher_student" in names and len(names) >= 10
+    table = out[out.index("method "):]
+    assert all(f"\n{n} " in table for n in names) and table.index("supervised") < table.index("fixmatch")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len({r["split"] for r in res["runs"]}) == 1                       # one split for all
+    assert len(list((tmp_path / "store" / "tiny").glob("*.json"))) == len(names)
+    assert (tmp_path / "results.png").stat().st_size > 1000

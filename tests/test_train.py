@@ -201,3 +201,174 @@ def test_fit_calls_setup_once_with_the_data_before_training(digits):
     fit(Probe(make_model(preset, train, 0)), train, s, replace(preset.fit, steps=3, eval_every=3), progress=False,
         device="cpu")
     assert calls == [("setup", True, True, "cpu"), "step", "step", "step"]
+
+
+# --- Toolkit 2: hooks, label-free stages, run identity, precision, EMA warm-up -------------------------------
+from ssl_book.train import Batch, ema_decay_at, make_optimizer, resolve_precision, run_identity
+
+class _Recorder(Supervised):
+    "Records what fit hands it, and uses every hook."
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen, self.modes = [], []
+    def training_step(self, batch):
+        self.seen.append((batch.idx.clone(), batch.x.clone()))
+        self.modes.append(self.model.training)
+        return super().training_step(batch)
+    def metrics(self, test, device):
+        return {"n_test": float(len(test)), "steps_seen": float(len(self.seen))}
+
+def test_batch_carries_dataset_indices_and_metrics_hook_fills_history(digits):
+    m, train, test, s = _setup(digits)
+    rec = _Recorder(m)
+    h = fit(rec, train, s, replace(CFG, steps=8, eval_every=4), test, progress=False, device="cpu")
+    for idx, x in rec.seen:
+        assert set(idx.tolist()) <= set(s.labeled.tolist()) and torch.equal(train.images[idx], x)
+    assert h["n_test"] == [len(test)] * 2 and h["steps_seen"] == [4.0, 8.0]
+
+def test_param_groups_lr_scale_and_train_mode_hooks(digits):
+    m, train, test, s = _setup(digits)
+    class Frozen(Supervised):
+        "Only the head learns, at half the rate; the encoder stays in eval mode."
+        def param_groups(self): return [{"params": list(self.model.head.parameters()), "lr_scale": 0.5}]
+        def train_mode(self): self.model.train(); self.model.encoder.eval()
+    enc = {k: v.clone() for k, v in m.encoder.state_dict().items()}
+    meth = Frozen(m)
+    lrs = []
+    orig = meth.training_step
+    meth.training_step = lambda b: (lrs.append(b.step), orig(b))[1]
+    fit(meth, train, s, replace(CFG, steps=6, eval_every=6), progress=False, device="cpu")
+    assert all(torch.equal(enc[k], v) for k, v in m.encoder.state_dict().items())   # BatchNorm buffers too
+    opt = make_optimizer(meth.param_groups(), CFG)
+    assert {g["lr_scale"] for g in opt.param_groups} == {0.5} and len(opt.param_groups) == 2   # weights / biases
+
+def test_lr_scale_multiplies_the_scheduled_rate(digits):
+    m, train, test, s = _setup(digits)
+    seen = []
+    class Spy(Supervised):
+        def param_groups(self):
+            return [{"params": list(self.model.head.parameters()), "lr_scale": 0.1},
+                    {"params": list(self.model.encoder.parameters())}]
+        def after_step(self, step): seen.append(sorted({g["lr"] for g in self.opt.param_groups}))
+    meth = Spy(m)
+    import ssl_book.train as T
+    orig = T.make_optimizer
+    def spy_opt(groups, cfg):
+        meth.opt = orig(groups, cfg); return meth.opt
+    T.make_optimizer = spy_opt
+    try: fit(meth, train, s, replace(CFG, steps=3, eval_every=3, schedule="constant"), progress=False, device="cpu")
+    finally: T.make_optimizer = orig
+    assert all(v == pytest.approx([0.005, 0.05]) for v in seen)
+
+def test_check_inputs_hook_lets_a_pretext_head_through(digits):
+    m, train, test, s = _setup(digits)
+    m.head = nn.Linear(m.feature_dim, 4)                  # e.g. 4 rotations: not the data's 10 classes
+    with pytest.raises(ValueError, match="predicts 4 classes"):
+        fit(Supervised(m), train, s, replace(CFG, steps=2), progress=False, device="cpu")
+    class Pretext(Method):
+        uses_labels = False
+        def check_inputs(self, train, split, cfg): pass
+        def training_step(self, batch):
+            return self.model(batch.aug.weak(batch.x)).logsumexp(1).mean(), {}
+    fit(Pretext(m), train, s, replace(CFG, steps=2), test, progress=False, device="cpu")     # accepted
+
+class _Rotation(Method):
+    "A label-free pretext task for the tests: predict which of 4 rotations was applied."
+    name = "rotation"
+    uses_labels = False
+    def check_inputs(self, train, split, cfg): pass
+    def training_step(self, batch):
+        assert batch.y is None and batch.u_y is None
+        x = batch.aug.weak(batch.x)
+        r = torch.randint(0, 4, (len(x),), generator=batch.aug.g)
+        xr = torch.stack([torch.rot90(xi, int(k), dims=(1, 2)) for xi, k in zip(x, r)])
+        logits = self.model(xr)
+        return nn.functional.cross_entropy(logits, r), {"rot_acc": (logits.argmax(1) == r).float().mean()}
+
+def test_label_free_stage_touches_no_label(digits):
+    "Labels replaced by -1 give bit-identical weights: the stage never reads one."
+    import copy as _copy
+    train, test = digits
+    s = split(train.labels, 50, seed=0)
+    weights = []
+    for hide in (False, True):
+        data = _copy.copy(train)
+        if hide: data.labels = torch.full_like(train.labels, -1)            # bypasses the ImageSet check on purpose
+        torch.manual_seed(0)
+        from ssl_book.models import small_cnn
+        m = small_cnn(in_channels=1, width=8, n_classes=4)
+        h = fit(_Rotation(m), data, s, replace(CFG, steps=6, eval_every=6), test, progress=False, device="cpu")
+        assert "test_acc" not in h.final and "rot_acc" in h.final        # no test accuracy for a pretext head
+        weights.append(m.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+def test_label_free_stage_draws_from_labeled_and_unlabeled(digits):
+    train, test = digits
+    s = split(train.labels, 20, n_unlabeled=40, seed=0)
+    from ssl_book.models import small_cnn
+    rot = _Rotation(small_cnn(in_channels=1, width=8, n_classes=4))
+    seen = set()
+    orig = rot.training_step
+    rot.training_step = lambda b: (seen.update(b.idx.tolist()), orig(b))[1]
+    fit(rot, train, s, replace(CFG, steps=12, batch_size=10), progress=False, device="cpu")
+    pool = set(s.labeled.tolist()) | set(s.unlabeled.tolist())
+    assert seen == pool                                    # 120 draws cover the 60 images; nothing else is drawn
+
+def test_run_identity_includes_the_methods_settings(digits, tmp_path):
+    "Regression: FixMatch(tau=0.0) silently resumed a finished tau=0.95 run and returned its history."
+    from ssl_book.consistency import FixMatch
+    train, test = digits
+    s = split(train.labels, 50, seed=0)
+    cfg = replace(CFG, steps=4, eval_every=4, mu=1)
+    ck = tmp_path / "fm.pt"
+    fit(FixMatch(_setup(digits)[0], tau=0.95), train, s, cfg, checkpoint=ck, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="another run"):
+        fit(FixMatch(_setup(digits)[0], tau=0.0), train, s, cfg, checkpoint=ck, progress=False, device="cpu")
+    a = run_identity(FixMatch(nn.Linear(2, 2), tau=0.95), train, s, cfg)
+    b = run_identity(FixMatch(nn.Linear(2, 2), tau=0.0), train, s, cfg)
+    assert a["settings"] == {"tau": 0.95, "lam": 1.0} and b["settings"]["tau"] == 0.0 and a != b
+
+def test_ema_warms_up_like_mean_teacher():
+    assert ema_decay_at(0, 0.999) == 0.5 and ema_decay_at(1, 0.999) == pytest.approx(2 / 3)
+    assert ema_decay_at(10_000, 0.99) == 0.99 and ema_decay_at(3, 0.0) == 0.0
+    with pytest.raises(ValueError): ema_decay_at(0, 1.5)
+
+def test_fit_ema_after_one_step_is_the_mean_of_start_and_step(digits):
+    "With the warm-up, the first EMA update gives equal weight to the initial and the trained weights."
+    import copy as _copy
+    m, train, test, s = _setup(digits)
+    start = _copy.deepcopy(m.state_dict())
+    meth = Supervised(m)
+    fit(meth, train, s, replace(CFG, steps=1, eval_every=1, ema_decay=0.999), progress=False, device="cpu")
+    e = meth.ema_model.state_dict()
+    w = "head.weight"
+    assert torch.allclose(e[w], 0.5 * start[w] + 0.5 * m.state_dict()[w], atol=1e-7)
+
+def test_precision_switch():
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "mps") == "fp32"
+    from ssl_book.train import cpu_has_bf16
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
+    with pytest.raises(ValueError, match="precision"): FitConfig(precision="fp16")
+    with pytest.raises(ValueError, match="precision"): resolve_precision("half", "cpu")
+
+def test_bf16_training_learns_and_resumes_bit_exact(digits, tmp_path):
+    "bf16 autocast on the CPU (slow without AMX, but correct): it takes effect, and a resume gives the same weights."
+    cfg = replace(CFG, steps=16, eval_every=8, precision="bf16")
+    ref, train, test, s = _setup(digits)
+    h = fit(Supervised(ref), train, s, cfg, test, progress=False, device="cpu")
+    f32, *_ = _setup(digits)
+    h32 = fit(Supervised(f32), train, s, replace(cfg, precision="fp32"), test, progress=False, device="cpu")
+    assert not torch.equal(ref.head.weight, f32.head.weight)                # autocast really ran in bf16
+    assert abs(h.final["loss"] - h32.final["loss"]) < 0.1 and h.final["loss"] < h.rows[0]["loss"]
+    m, *_ = _setup(digits)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_Crash(m, at=11), train, s, cfg, test, checkpoint=tmp_path / "c.pt", progress=False, device="cpu")
+    m2, *_ = _setup(digits)
+    fit(Supervised(m2), train, s, cfg, test, checkpoint=tmp_path / "c.pt", progress=False, device="cpu")
+    assert all(torch.equal(ref.state_dict()[k], m2.state_dict()[k]) for k in ref.state_dict())
+
+def test_settings_are_the_constructor_arguments():
+    from ssl_book.mixmatch import MixMatch
+    st = MixMatch(nn.Linear(2, 2), T=0.3).settings()
+    assert st["T"] == 0.3 and st["K"] == 2 and "ema" not in st and "model" not in st

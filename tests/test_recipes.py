@@ -1,0 +1,146 @@
+"ssl_book.recipes and the results store: stages and budgets, resume, transfer, teacher/student, records, leaderboard."
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ssl_book.data import split
+from ssl_book.experiment import make_model, run_experiment
+from ssl_book.presets import get_preset
+from ssl_book.recipes import (RECIPES, FineTune, Recipe, Stage, Student, fit_recipe, register_recipe, with_new_head)
+from ssl_book.results import (find_record, format_table, leaderboard, load_records, plot_leaderboard, run_id,
+                              save_record, summarize)
+from ssl_book.train import Supervised, fit
+
+@pytest.fixture
+def tiny(digits):
+    preset = get_preset("tiny")
+    train, test = digits
+    return preset, train, test, split(train.labels, preset.n_labeled, seed=0)
+
+def _two_stage():
+    return Recipe("two_stage", [Stage("probe", lambda ctx: FineTune(ctx.new_model(), freeze_encoder=True), 0.25),
+                                Stage("tune", lambda ctx: FineTune(ctx.previous.model, encoder_lr=0.1), 0.75)])
+
+def test_budgets_add_up_and_bad_recipes_are_errors():
+    r = Recipe("r", [Stage(n, lambda ctx: None, 1 / 3) for n in "abc"])
+    assert r.budgets(2000) == [667, 666, 667] and sum(r.budgets(301)) == 301
+    with pytest.raises(ValueError, match="add up to 1"): Recipe("r", [Stage("a", lambda c: None, 0.5)])
+    with pytest.raises(ValueError, match="differ"): Recipe("r", [Stage("a", lambda c: None, 0.5)] * 2)
+    with pytest.raises(ValueError, match="steps and seed"): Recipe("r", [Stage("a", lambda c: None, 1.0, {"steps": 3})])
+    with pytest.raises(ValueError, match="steps"): Recipe("r", [Stage("a", lambda c: None, 1.0, {"nonsense": 3})])
+    with pytest.raises(ValueError, match="cannot be shared"): r.budgets(2)
+    with pytest.raises(ValueError, match="at least one"): Recipe("r", [])
+
+def test_recipe_uses_the_whole_budget_and_each_stage_builds_on_the_last(tiny, tmp_path):
+    preset, train, test, s = tiny
+    cfg = replace(preset.fit, steps=40, eval_every=10)
+    res = fit_recipe(_two_stage(), lambda: make_model(preset, train, 0), train, s, cfg, test, device="cpu",
+                     progress=False)
+    assert res.steps == [10, 30] and [h.final["step"] for h in res.histories] == [10, 30]
+    assert res.methods[1].model is res.methods[0].model                  # the tune stage continues the probe's model
+    assert [st["method"] for st in res.settings()["stages"]] == ["finetune", "finetune"]
+    assert res.settings()["stages"][1]["settings"] == {"encoder_lr": 0.1, "freeze_encoder": False}
+
+def test_recipe_resumes_each_stage_bit_exact(tiny, tmp_path):
+    preset, train, test, s = tiny
+    cfg = replace(preset.fit, steps=30, eval_every=5)
+    ref = fit_recipe(_two_stage(), lambda: make_model(preset, train, 0), train, s, cfg, test, device="cpu",
+                     progress=False, checkpoint_dir=tmp_path / "ref")
+    crash = _two_stage()
+    build = crash.stages[1].build
+    class Boom(Exception): pass
+    def dying(ctx):
+        m = build(ctx); step = m.training_step
+        m.training_step = lambda b: (_ for _ in ()).throw(Boom()) if b.step == 12 else step(b)
+        return m
+    crash.stages[1] = Stage("tune", dying, 0.75)
+    with pytest.raises(Boom):
+        fit_recipe(crash, lambda: make_model(preset, train, 0), train, s, cfg, test, device="cpu", progress=False,
+                   checkpoint_dir=tmp_path / "run")
+    again = fit_recipe(_two_stage(), lambda: make_model(preset, train, 0), train, s, cfg, test, device="cpu",
+                       progress=False, checkpoint_dir=tmp_path / "run")
+    a, b = ref.method.model.state_dict(), again.method.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["test_acc"] for r in again.history.rows] == [r["test_acc"] for r in ref.history.rows]
+
+def test_probe_leaves_the_encoder_alone_and_finetune_scales_its_rate(tiny):
+    preset, train, test, s = tiny
+    src = make_model(preset, train, 0)
+    before = {k: v.clone() for k, v in src.encoder.state_dict().items()}
+    probe = FineTune(with_new_head(src, train.n_classes), freeze_encoder=True)
+    head0 = probe.model.head.weight.clone()
+    fit(probe, train, s, replace(preset.fit, steps=20, eval_every=20, mu=0), test, progress=False, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in src.encoder.state_dict().items())    # BatchNorm included
+    assert not torch.equal(head0, probe.model.head.weight)                               # the head did learn
+    tune = FineTune(with_new_head(src, train.n_classes), encoder_lr=0.1)
+    assert [g.get("lr_scale", 1.0) for g in tune.param_groups()] == [1.0, 0.1]
+    with pytest.raises(ValueError): FineTune(nn.Linear(2, 2))
+    with pytest.raises(ValueError): FineTune(src, encoder_lr=-1)
+    with pytest.raises(ValueError): with_new_head(nn.Linear(2, 2), 10)
+
+def test_student_uses_the_teachers_offline_targets_by_index(tiny):
+    preset, train, test, s = tiny
+    teacher = make_model(preset, train, 0)
+    fit(Supervised(teacher), train, s, replace(preset.fit, steps=40, mu=0), progress=False, device="cpu")
+    st = Student(make_model(preset, train, 1), teacher, tau=0.0)
+    st.setup(train, s, torch.device("cpu"))
+    from ssl_book.evaluate import predict
+    probs = predict(teacher, train.images[s.unlabeled]).softmax(1)
+    assert torch.allclose(st._targets[s.unlabeled], probs) and st._targets[s.labeled].abs().sum() == 0
+    h = fit(st, train, s, replace(preset.fit, steps=20, eval_every=20), test, progress=False, device="cpu")
+    acc = (probs.argmax(1) == train.labels[s.unlabeled]).float().mean().item()
+    assert abs(h.final["teacher_acc"] - acc) < 0.15 and h.final["mask"] == 1.0
+    with pytest.raises(ValueError, match="another model"): Student(teacher, teacher)
+    with pytest.raises(ValueError): Student(make_model(preset, train, 1), teacher, tau=2.0)
+
+def test_records_are_written_reused_and_named_by_the_run(tiny, tmp_path):
+    preset, train, test, s = tiny
+    preset = replace(preset, fit=replace(preset.fit, steps=20, eval_every=10))
+    recs = run_experiment(preset, ["supervised", "teacher_student"], seeds=[0, 1], data=(train, test), store=tmp_path)
+    files = sorted((tmp_path / "tiny").glob("*.json"))
+    assert len(files) == 4 and len(load_records(tmp_path, "tiny")) == 4
+    r = json.loads(files[0].read_text())
+    for key in ("preset", "data", "method", "settings", "labels", "seed", "split", "steps", "test_acc_ema",
+                "test_acc_raw", "history", "minutes", "load_before", "machine", "run_id"):
+        assert key in r, key
+    assert r["machine"]["ssl_book"] and r["test_acc_ema"] is not None and r["data"] == "scikit-learn digits"
+    ts = next(x for x in recs if x["method"] == "teacher_student")
+    assert [st["steps"] for st in ts["settings"]["stages"]] == [7, 6, 7] and len(ts["stage_histories"]) == 3
+    # a second call reads the records instead of training
+    import ssl_book.experiment as E
+    orig, E.fit = E.fit, None
+    try: again = run_experiment(preset, ["supervised"], seeds=[0, 1], data=(train, test), store=tmp_path)
+    finally: E.fit = orig
+    assert [a["run_id"] for a in again] == [x["run_id"] for x in recs if x["method"] == "supervised"]
+    # another setting is another run
+    other = run_experiment(replace(preset, fit=replace(preset.fit, lr=0.01)), ["supervised"], seeds=[0],
+                           data=(train, test), store=tmp_path)
+    assert other[0]["run_id"] not in {x["run_id"] for x in recs}
+
+def test_leaderboard_table_and_chart(tmp_path):
+    for m, accs in (("supervised", (0.80, 0.82, 0.81)), ("a", (0.86, 0.87, 0.85)), ("b", (0.81, 0.83, 0.80))):
+        for seed, a in enumerate(accs):
+            save_record({"run_id": run_id({"m": m, "s": seed}), "preset": "cpu", "method": m, "labels": 1000,
+                         "seed": seed, "test_acc": a, "test_acc_ema": a, "test_acc_raw": a - 0.02, "minutes": 2.0},
+                        tmp_path)
+    rows = leaderboard("cpu", tmp_path)
+    assert [r["method"] for r in rows] == ["supervised", "a", "b"]
+    a, b = rows[1], rows[2]
+    assert a["acc_mean"] == pytest.approx(86.0) and a["acc_std"] == pytest.approx(1.0) and a["seeds"] == 3
+    assert a["raw_mean"] == pytest.approx(84.0) and a["clear"] and not b["clear"]
+    assert a["vs_baseline"] == pytest.approx(5.0)
+    assert "(clear)" in format_table(rows) and "(in spread)" in format_table(rows)
+    ax = plot_leaderboard(rows, highlight=["a"])
+    assert ax.get_xlabel().startswith("test accuracy") and len(ax.patches) == 3
+    assert leaderboard("cpu", tmp_path, methods=["b"])[1]["method"] == "b" and len(leaderboard("cpu", tmp_path, methods=["b"])) == 2
+    assert find_record(tmp_path, "cpu", run_id({"m": "a", "s": 1}))["test_acc"] == 0.87
+    with pytest.raises(ValueError, match="needs"): save_record({"preset": "cpu"}, tmp_path)
+    with pytest.raises(ValueError, match="no rows"): plot_leaderboard([])
+
+def test_one_seed_is_never_called_clear():
+    rows = summarize([{"method": m, "labels": 5, "seed": 0, "test_acc": a, "test_acc_raw": a, "minutes": 1}
+                      for m, a in (("supervised", 0.5), ("x", 0.9))])
+    assert rows[1]["clear"] is None and "(1 seed)" in format_table(rows)
