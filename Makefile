@@ -10,8 +10,8 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile $(TORCH)
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,10 +23,13 @@ demo: $(STAMP)
 
 ## The whole test suite: pytest on tests/, and nbval on every notebook with the tiny preset.
 ## nbval runs on a copy stripped with nbdev-clean --clear-all (nbdev-clean drops execution counts).
+## Two workers with one thread each (pytest-xdist): the tiny models are too small to use two threads well.
+## --dist loadscope keeps each notebook (and each test file) in one worker, in order.
 test: $(STAMP)
 	rm -rf .nbval && cp -r nbs .nbval
 	cd .nbval && ../$(BIN)/nbdev-clean --clear-all --fname .
-	SSL_BOOK_PRESET=tiny MPLBACKEND=Agg $(BIN)/pytest -q -p no:cacheprovider --durations=10 tests .nbval --nbval-lax
+	SSL_BOOK_PRESET=tiny MPLBACKEND=Agg OMP_NUM_THREADS=1 $(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadscope \
+		--durations=10 tests .nbval --nbval-lax
 
 clean:
 	rm -rf .nbval runs _docs _proc

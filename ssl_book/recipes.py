@@ -20,8 +20,8 @@ from .models import Classifier
 from .train import Batch, FitConfig, History, Method, Supervised, fit
 
 # %% auto #0
-__all__ = ['RECIPES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'fit_recipe', 'register_recipe', 'with_new_head',
-           'FineTune', 'Student']
+__all__ = ['RECIPES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'fit_recipe', 'register_recipe',
+           'with_new_head', 'FineTune', 'Student']
 
 # %% ../nbs/toolkit/recipes.ipynb #c005
 @dataclass
@@ -103,6 +103,11 @@ class RecipeResult:
         return {"stages": [{"stage": s.name, "method": m.name, "steps": n, "settings": m.settings(), "config": s.config}
                            for s, m, n in zip(self.recipe.stages, self.methods, self.steps)]}
 
+def stage_ema_decay(decay: float, share: float) -> float:
+    "The EMA decay for a stage with `share` of the run's steps: the same horizon 1 / (1 - decay) relative to its length."
+    if decay == 0: return 0.0
+    return max(0.0, 1 - (1 - decay) / share)
+
 def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageSet, split: Split, cfg: FitConfig,
                test: ImageSet | None = None, device: torch.device | str | None = None,
                checkpoint_dir: str | Path | None = None, progress: bool = True, preset=None) -> RecipeResult:
@@ -112,7 +117,8 @@ def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageS
         method = stage.build(StageContext(methods[-1] if methods else None, new_model, preset, i))
         if not isinstance(method, Method):
             raise ValueError(f"stage {stage.name!r} of {recipe.name!r} built {type(method).__name__}, not a Method.")
-        scfg = replace(cfg, **{**stage.config, "steps": n, "seed": cfg.seed + 1000 * i})
+        scfg = replace(cfg, **{"ema_decay": stage_ema_decay(cfg.ema_decay, n / cfg.steps), **stage.config,
+                               "steps": n, "seed": cfg.seed + 1000 * i})
         ck = Path(checkpoint_dir) / f"{i}-{stage.name.replace(' ', '_')}.pt" if checkpoint_dir is not None else None
         histories.append(fit(method, train, split, scfg, test, device=device, checkpoint=ck, progress=progress))
         methods.append(method)

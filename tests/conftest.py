@@ -1,4 +1,5 @@
 "Shared fixtures: small data sets that the tests make themselves, and the project root."
+import os
 from pathlib import Path
 import pytest
 import torch
@@ -26,7 +27,8 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # `make test` runs two pytest workers with one thread each (OMP_NUM_THREADS=1); alone, use two
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 def train_registered_on_tiny(digits, names, seeds=(0, 1, 2)) -> dict:
     "Histories of registered methods on the tiny preset, keyed (name, seed); every method of a seed shares its split."

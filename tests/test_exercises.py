@@ -89,3 +89,12 @@ def test_student_checks_fail_with_not_implemented(nb, tmp_path):
     assert checks and all(any(e["ename"] == "NotImplementedError" for e in _errors(c)) for c in checks)
     others = [c.source[:60] for c in run.cells if _errors(c) and not (is_check_cell(c) or is_solution_cell(c))]
     assert not others, f"cells of the exercises' slice failed (a missing dependency?): {others}"
+
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
+def test_every_code_solution_compiles(nb):
+    "Solutions that train several models carry NBVAL_SKIP; they must still be valid Python."
+    import ast
+    for c in nbformat.read(nb, as_version=4).cells:
+        if c.cell_type == "code" and "### BEGIN SOLUTION" in c.source:
+            ast.parse(c.source)
