@@ -4,6 +4,7 @@ Run: .venv/bin/python bench/precision.py                 (throughput only: image
      .venv/bin/python bench/precision.py --accuracy      (also: supervised and FixMatch, 3 seeds, each precision that
                                                            differs here, cpu preset; records go to nbs/results/cpu)
      .venv/bin/python bench/precision.py --accuracy --preset tiny   (the same on the embedded digits)
+     ... --methods supervised                               (only some methods)
 
 Throughput: forward, backward and SGD step of the preset model on a batch of 320 CIFAR-sized images (the size of a
 FixMatch step of the cpu preset: 64 labeled + 2 x 128 unlabeled), fastest of 5 timed steps after 2 warm-up steps.
@@ -46,7 +47,7 @@ def throughput():
         label = f"{name} {kw or ''}".strip()
         print(f"{label:<26} {batch:>5} {f32:>11,.0f} {b16:>11,.0f} {b16 / f32:>10.2f}x {auto:>6}")
 
-def accuracy(preset_name: str, seeds):
+def accuracy(preset_name: str, seeds, methods):
     from ssl_book.experiment import run_experiment
     from ssl_book.presets import get_preset
     from ssl_book.results import format_table, summarize
@@ -62,7 +63,7 @@ def accuracy(preset_name: str, seeds):
     for precision in precisions:
         p = replace(preset, fit=replace(preset.fit, precision=precision))
         t = time.time()
-        recs = run_experiment(p, ["supervised", "fixmatch"], seeds=seeds, store="nbs/results", device="cpu")
+        recs = run_experiment(p, methods, seeds=seeds, store="nbs/results", device="cpu")
         print(f"\nprecision={precision} (runs as {resolve_precision(precision, 'cpu')}); {p.describe()}; "
               f"{recs[0]['data']}; {(time.time() - t) / 60:.1f} min wall")
         print(format_table(summarize(recs)))
@@ -72,6 +73,7 @@ if __name__ == "__main__":
     ap.add_argument("--accuracy", action="store_true")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=["supervised", "fixmatch"])
     a = ap.parse_args()
     throughput()
-    if a.accuracy: accuracy(a.preset, a.seeds)
+    if a.accuracy: accuracy(a.preset, a.seeds, a.methods)

@@ -6,19 +6,19 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/experiment.html.md"""
 
 # %% ../nbs/toolkit/experiment.ipynb #c002
 from __future__ import annotations
-import importlib, json, os, time
+import importlib, json, time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from .data import ImageSet, Split, load_dataset, split
+from .data import ImageSet, Split, default_device, load_dataset, split
 from .models import Classifier, build_model, channel_stats
 from .presets import Preset, get_preset
 from .recipes import RECIPES, fit_recipe
-from .results import find_record, format_table, machine, run_id, save_record, summarize
+from .results import find_record, machine, run_id, save_record
+from .results import format_table, summarize          # re-exported: chapters import them from here
 from .train import METHODS, fit, resolve_precision
-from .data import default_device
 
 # %% auto #0
 __all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_one', 'run_experiment', 'plot_summary', 'save_results']

@@ -6,7 +6,7 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/train.html.md"""
 
 # %% ../nbs/toolkit/train.ipynb #c003
 from __future__ import annotations
-import copy, hashlib, inspect, math, os, re, time
+import copy, inspect, math, os, re, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -91,8 +91,8 @@ class Method:
         names = [p for c in type(self).__mro__ if "__init__" in vars(c)
                  for p in inspect.signature(c.__init__).parameters if p not in ("self", "model")]
         out = {}
-        for k in dict.fromkeys(names):
-            v = getattr(self, k, None) if hasattr(self, k) else ...
+        for k in dict.fromkeys(names):                     # in order, once; arguments not kept as attributes are skipped
+            v = getattr(self, k, ...)
             if isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(e, _PLAIN) for e in v)):
                 out[k] = list(v) if isinstance(v, tuple) else v
         return out
