@@ -17,7 +17,7 @@ from .models import Classifier, build_model, channel_stats
 from .presets import Preset, get_preset
 from .recipes import RECIPES, fit_recipe
 from .results import find_record, machine, run_id, save_record
-from .results import format_table, summarize          # re-exported: chapters import them from here
+from .results import format_table, sort_rows, summarize   # chapters import summarize and format_table from here
 from .train import METHODS, fit, resolve_precision
 
 # %% auto #0
@@ -52,11 +52,13 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
     new_model = lambda: make_model(preset, train, seed)
     recipe = RECIPES[name](preset) if name in RECIPES else None
     method = METHODS[name](new_model(), preset) if recipe is None else None
-    identity = {"preset": preset.name, "data": train.source, "n_train": len(train), "model": preset.model,
-                "model_kwargs": preset.model_kwargs, "method": name, "labels": len(s.labeled),
-                "unlabeled": len(s.unlabeled), "seed": seed, "split": s.digest(), "config": asdict(cfg),
-                "settings": method.settings() if method is not None else
-                            [[st.name, st.share, st.config] for st in recipe.stages]}
+    precision = resolve_precision(cfg.precision, device)          # "auto" is fp32 here and bf16 there: name the real one
+    protocol = {"preset": preset.name, "data": train.source, "n_train": len(train), "model": preset.model,
+                "model_kwargs": preset.model_kwargs, "labels": len(s.labeled), "unlabeled": len(s.unlabeled),
+                "config": {**asdict(cfg), "seed": None, "precision": precision}}
+    settings = method.settings() if method is not None else recipe.identity()
+    config = {**protocol, "method": name, "settings": settings}
+    identity = {**config, "seed": seed, "split": s.digest()}
     rid = run_id(identity)
     if store is not None and (old := find_record(store, preset.name, rid)) is not None:
         return old                                              # this exact run is already in the store
@@ -68,13 +70,16 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
     else:
         histories = [fit(method, train, s, cfg, test, device=device, checkpoint=ck and ck.with_suffix(".pt"),
                          progress=progress)]
-        settings = method.settings()
     final = histories[-1].final
+    if "test_acc" not in final:
+        raise ValueError(f"{name} ends without a test accuracy (a label-free stage last, or no test set); "
+                         "a recipe must end with a stage that uses labels.")
     averaged = "test_acc_raw" in final             # the run kept an average (fit's EMA, or the method's own)
     record = {**{k: identity[k] for k in ("preset", "data", "method", "labels", "unlabeled", "seed", "split")},
-              "run_id": rid, "kind": "recipe" if recipe is not None else "method", "settings": settings,
-              "model": preset.model, "steps": cfg.steps, "config": asdict(cfg),
-              "precision": resolve_precision(cfg.precision, device), "device": device.type,
+              "run_id": rid, "config_id": run_id(config), "protocol_id": run_id(protocol),
+              "kind": "recipe" if recipe is not None else "method", "settings": settings,
+              "model": preset.model, "steps": cfg.steps, "config": asdict(cfg), "precision": precision,
+              "device": device.type,
               "test_acc": final["test_acc"], "test_acc_ema": final["test_acc"] if averaged else None,
               "test_acc_raw": final["test_acc_raw"] if averaged else final["test_acc"],
               "minutes": sum(h.final["time_s"] for h in histories) / 60, "wall_minutes": (time.time() - t0) / 60,
@@ -124,7 +129,7 @@ def save_results(results: list[dict], preset: Preset, out_dir: str | Path, title
     import matplotlib.pyplot as plt
     from ssl_book.results import plot_leaderboard
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(summarize(results), key=lambda r: (r["labels"], r["method"] != "supervised", -r["acc_mean"]))
+    rows = sort_rows(summarize(results))
     payload = {"preset": asdict(preset), "summary": rows, "runs": results}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     per_label = sorted({r["labels"] for r in rows})
@@ -132,6 +137,6 @@ def save_results(results: list[dict], preset: Preset, out_dir: str | Path, title
                                                                   for n in per_label)), squeeze=False)
     for ax, n in zip(axes[:, 0], per_label):
         plot_leaderboard([r for r in rows if r["labels"] == n], ax=ax,
-                         title=title or f"{preset.describe()}\n{n:,} labels, {rows[0]['seeds']} seed(s)")
+                         title=title or f"{preset.describe()}\n{n:,} labels, up to {max(r['seeds'] for r in rows)} seed(s)")
     fig.savefig(out / "results.png", dpi=120); plt.close(fig)
     return {"json": out / "results.json", "png": out / "results.png", "rows": rows}

@@ -6,6 +6,7 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/recipes.html.md"""
 
 # %% ../nbs/toolkit/recipes.ipynb #c003
 from __future__ import annotations
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -59,9 +60,18 @@ class Recipe:
             raise ValueError(f"the stages' shares must add up to 1, got {sum(s.share for s in self.stages):.4g}.")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names): raise ValueError(f"stage names must differ, got {names}.")
-        bad = {k for s in self.stages for k in s.config} - set(FitConfig.__dataclass_fields__) | \
-              {k for s in self.stages for k in s.config if k in ("steps", "seed")}
-        if bad: raise ValueError(f"a stage may not set {sorted(bad)} in its config (steps and seed come from the recipe).")
+        keys = {k for s in self.stages for k in s.config}
+        if keys - set(FitConfig.__dataclass_fields__):
+            raise ValueError(f"unknown FitConfig fields in a stage's config: {sorted(keys - set(FitConfig.__dataclass_fields__))}.")
+        if keys & {"steps", "seed"}:
+            raise ValueError("a stage may not set steps or seed in its config: they come from the recipe's budget and seed.")
+
+    def identity(self) -> list:
+        "What names the recipe in a run id: each stage's name, share, config and its builder's code and constants."
+        def code(f):
+            c = getattr(f, "__code__", None)
+            return hashlib.sha1(c.co_code + repr(c.co_consts).encode()).hexdigest()[:12] if c else repr(f)
+        return [[s.name, s.share, s.config, code(s.build)] for s in self.stages]
 
     def budgets(self, steps: int) -> list[int]:
         "Steps per stage: rounded cumulative shares, so they add up to exactly `steps`."
@@ -114,6 +124,7 @@ def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageS
     "Run the recipe's stages in order, each a `fit` call with its share of cfg.steps; checkpoint each stage."
     methods, histories, steps = [], [], recipe.budgets(cfg.steps)
     for i, (stage, n) in enumerate(zip(recipe.stages, steps)):
+        torch.manual_seed(cfg.seed * 1000 + i)         # a new head built here is the same whether stage i-1 ran or resumed
         method = stage.build(StageContext(methods[-1] if methods else None, new_model, preset, i))
         if not isinstance(method, Method):
             raise ValueError(f"stage {stage.name!r} of {recipe.name!r} built {type(method).__name__}, not a Method.")
@@ -136,11 +147,12 @@ def register_recipe(name: str, factory: Callable[..., Recipe] | None = None) -> 
 
 # %% ../nbs/toolkit/recipes.ipynb #c012
 def with_new_head(model: nn.Module, n_classes: int) -> Classifier:
-    "A Classifier with `model`'s encoder (shared, not copied) and a new linear head for `n_classes`."
+    "A Classifier with `model`'s encoder (shared, not copied, and made trainable) and a new linear head for `n_classes`."
     if not isinstance(getattr(model, "encoder", None), nn.Module) or not hasattr(model, "feature_dim"):
         raise ValueError(f"{type(model).__name__} has no `encoder` and `feature_dim`; build it with ssl_book.models.")
     if n_classes < 2: raise ValueError(f"n_classes must be >= 2, got {n_classes}.")
-    head = Classifier(model.encoder, model.feature_dim, n_classes)
+    # an EMA copy (StageContext.previous_model) comes with requires_grad off: fine-tuning needs it back on
+    head = Classifier(model.encoder.requires_grad_(True), model.feature_dim, n_classes)
     return head.to(next(model.parameters()).device)
 
 class FineTune(Supervised):
@@ -152,6 +164,9 @@ class FineTune(Supervised):
         if not isinstance(getattr(model, "encoder", None), nn.Module) or not isinstance(getattr(model, "head", None), nn.Module):
             raise ValueError("FineTune needs a model with `encoder` and `head` (a ssl_book.models.Classifier).")
         if not encoder_lr >= 0: raise ValueError(f"encoder_lr must be >= 0, got {encoder_lr}.")
+        if not freeze_encoder and not any(p.requires_grad for p in model.encoder.parameters()):
+            raise ValueError("the encoder has no trainable parameters (an EMA copy?); wrap it with with_new_head, "
+                             "or pass freeze_encoder=True for a probe.")
         self.encoder_lr, self.freeze_encoder = encoder_lr, freeze_encoder
 
     def param_groups(self) -> list[dict]:
@@ -189,14 +204,14 @@ class Student(Method):
 
     def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
         "Label the unlabeled pool once with the teacher, in float32 and eval mode, on clean images."
-        with torch.autocast(torch.device(device).type, enabled=False):
-            probs = predict(self.teacher.to(device), train.images[split.unlabeled], device=device).softmax(1)
+        probs = predict(self.teacher.to(device), train.images[split.unlabeled], device=device).softmax(1)  # float32
         self._targets = torch.zeros(len(train), probs.shape[1])
         self._targets[split.unlabeled] = probs
+        self._targets = self._targets.to(device)                 # indexed by batch.u_idx, on the device
 
     def training_step(self, batch: Batch):
         n = len(batch.x)
-        t = self._targets[batch.u_idx.cpu()].to(batch.x.device)
+        t = self._targets[batch.u_idx]
         conf, hard = t.max(1)
         mask = (conf >= self.tau).float()
         logits = self.model(torch.cat([batch.aug.weak(batch.x), batch.aug.weak(batch.u)]))

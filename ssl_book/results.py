@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 # %% auto #0
 __all__ = ['SCHEMA', 'run_id', 'default_store', 'machine', 'record_path', 'save_record', 'load_records', 'find_record',
-           'summarize', 'format_table', 'leaderboard', 'plot_leaderboard']
+           'summarize', 'format_table', 'leaderboard', 'sort_rows', 'plot_leaderboard']
 
 # %% ../nbs/toolkit/results.ipynb #c004
 SCHEMA = 1                      # the record format's version
@@ -72,18 +72,26 @@ def _mean_std(xs: list) -> tuple[float | None, float | None]:
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 def summarize(records: Iterable[dict], baseline: str = "supervised") -> list[dict]:
-    "Per (method, labels): seeds, mean ± std (in %) of test_acc, EMA and raw accuracy, minutes, and the gap to `baseline`."
+    "Per (method, labels, config): seeds, mean ± std (in %) of test_acc, EMA and raw accuracy, minutes, gap to `baseline`."
     groups: dict[tuple, list[dict]] = {}
-    for r in records: groups.setdefault((r["method"], r["labels"]), []).append(r)
+    for r in records: groups.setdefault((r["method"], r["labels"], r.get("config_id")), []).append(r)
+    several = {(m, n) for m, n, _ in groups if sum((m, n) == (m2, n2) for m2, n2, _ in groups) > 1}
     rows = []
-    for (method, labels), rs in groups.items():
-        row = {"method": method, "labels": labels, "seeds": len(rs), "accs": [100 * r["test_acc"] for r in rs],
-               "minutes": statistics.mean(r["minutes"] for r in rs)}
+    for (method, labels, cid), rs in groups.items():
+        seeds = [r["seed"] for r in rs if r.get("seed") is not None]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"{method} ({labels} labels) has two records of one configuration with the same seed; "
+                             "they are not independent runs.")
+        name = f"{method} [{cid[:6]}]" if (method, labels) in several and cid else method
+        row = {"method": method, "name": name, "labels": labels, "config_id": cid,
+               "protocol_id": rs[0].get("protocol_id"), "seeds": len(rs),
+               "accs": [100 * r["test_acc"] for r in rs], "minutes": statistics.mean(r["minutes"] for r in rs)}
         for key, field in (("acc", "test_acc"), ("ema", "test_acc_ema"), ("raw", "test_acc_raw")):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(field) for r in rs])
         rows.append(row)
     for row in rows:
-        base = next((b for b in rows if b["method"] == baseline and b["labels"] == row["labels"]), None)
+        base = next((b for b in rows if b["method"] == baseline and b["labels"] == row["labels"]
+                     and b["protocol_id"] == row["protocol_id"]), None)     # same preset, data, budget, precision
         if base is None or row["method"] == baseline: row["vs_baseline"], row["clear"] = None, None; continue
         row["vs_baseline"] = row["acc_mean"] - base["acc_mean"]
         if min(row["seeds"], base["seeds"]) < 2: row["clear"] = None; continue       # one seed shows no spread
@@ -98,7 +106,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         gap = "" if r.get("vs_baseline") is None else \
               f"{r['vs_baseline']:+6.2f} {'(1 seed)' if r['clear'] is None else '(clear)' if r['clear'] else '(in spread)'}"
-        lines.append(f"{r['method']:<16} {r['labels']:>7,} {r['seeds']:>5} {f(r.get('ema_mean'), r.get('ema_std'))} "
+        lines.append(f"{r.get('name', r['method']):<16} {r['labels']:>7,} {r['seeds']:>5} {f(r.get('ema_mean'), r.get('ema_std'))} "
                      f"{f(r.get('raw_mean'), r.get('raw_std'))} {gap:>22} {r['minutes']:>8.2f}")
     return "\n".join(lines)
 
@@ -109,7 +117,10 @@ def leaderboard(preset: str, store: str | Path | None = None, methods: Sequence[
     rs = [r for r in load_records(store or default_store(), preset)
           if (methods is None or r["method"] in methods or r["method"] == baseline)
           and (labels is None or r["labels"] == labels)]
-    rows = summarize(rs, baseline)
+    return sort_rows(summarize(rs, baseline), baseline)
+
+def sort_rows(rows: list[dict], baseline: str = "supervised") -> list[dict]:
+    "By label count; within it the baseline first, then by mean accuracy (an order for reading, not a ranking)."
     return sorted(rows, key=lambda r: (r["labels"], r["method"] != baseline, -r["acc_mean"]))
 
 def plot_leaderboard(rows: list[dict], highlight: Sequence[str] = (), baseline: str = "supervised", title: str = "",
@@ -119,7 +130,7 @@ def plot_leaderboard(rows: list[dict], highlight: Sequence[str] = (), baseline: 
     if not rows: raise ValueError("no rows to plot: the store has no records for this selection.")
     if len({r["labels"] for r in rows}) > 1: raise ValueError("plot one label count at a time (leaderboard(labels=...)).")
     ax = ax or plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))[1]
-    names = [r["method"] for r in rows][::-1]
+    names = [r.get("name", r["method"]) for r in rows][::-1]
     for i, r in enumerate(rows[::-1]):
         color = "tab:orange" if r["method"] in highlight else ("tab:gray" if r["method"] == baseline else "tab:blue")
         ax.barh(i, r["acc_mean"], xerr=r["acc_std"], color=color, alpha=0.8, capsize=3)
@@ -130,7 +141,7 @@ def plot_leaderboard(rows: list[dict], highlight: Sequence[str] = (), baseline: 
     lo = min(min(r["accs"]) for r in rows)
     ax.set(yticks=range(len(names)), yticklabels=names, xlim=(max(0, lo - 10), min(100, max(r["acc_mean"] + r["acc_std"] for r in rows) + 3)),
            xlabel="test accuracy (%): bar = mean over seeds (EMA where kept), dots = seeds, tick = raw weights",
-           title=title or f"{rows[0]['labels']:,} labels, {rows[0]['seeds']} seed(s)")
+           title=title or f"{rows[0]['labels']:,} labels, up to {max(r['seeds'] for r in rows)} seed(s)")
     if base is not None: ax.legend(loc="lower right", fontsize=8)
     ax.figure.tight_layout()
     return ax

@@ -88,8 +88,9 @@ class Method:
 
     def settings(self) -> dict:
         "The constructor's arguments with plain values: they name the run (checkpoints, results records)."
-        names = [p for c in type(self).__mro__ if "__init__" in vars(c)
-                 for p in inspect.signature(c.__init__).parameters if p not in ("self", "model")]
+        names = [p for c in type(self).__mro__ if issubclass(c, Method) and "__init__" in vars(c)
+                 for p, par in inspect.signature(c.__init__).parameters.items()
+                 if p not in ("self", "model") and par.kind not in (par.VAR_POSITIONAL, par.VAR_KEYWORD)]
         out = {}
         for k in dict.fromkeys(names):                     # in order, once; arguments not kept as attributes are skipped
             v = getattr(self, k, ...)
@@ -276,17 +277,21 @@ def _check_fit_inputs(method: Method, train: ImageSet, split: Split, cfg: FitCon
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
         raise ValueError(f"test images are {tuple(test.images.shape[1:])}, train images {tuple(train.images.shape[1:])}.")
 
-def run_identity(method: Method, train: ImageSet, split: Split, cfg: FitConfig) -> dict:
+def run_identity(method: Method, train: ImageSet, split: Split, cfg: FitConfig,
+                 device: torch.device | str = "cpu") -> dict:
     "What must match for a checkpoint to be resumed: the method and its settings, data size, split and FitConfig."
+    # the precision as it runs: "auto" means fp32 on one machine and bf16 on another
+    config = {**asdict(cfg), "precision": resolve_precision(cfg.precision, device)}
     return {"method": method.name, "settings": method.settings(), "n_train": len(train), "split": split.digest(),
-            "config": asdict(cfg)}
+            "config": config}
 
 def _evaluate(method: Method, ema: nn.Module | None, test: ImageSet | None, device: torch.device, amp: bool) -> dict:
     "Test accuracy of the averaged weights (fit's EMA or the method's own) and of the raw ones, and the method's metrics."
     row = {}
     if test is not None and method.uses_labels:
         acc = lambda m: accuracy(m, test, device=device, amp=amp)
-        avg = ema if ema is not None else (method.eval_model() if method.owns_ema else None)
+        own = method.eval_model()
+        avg = ema if ema is not None else (own if method.owns_ema and own is not method.model else None)
         if avg is None: row["test_acc"] = acc(method.eval_model())
         else: row["test_acc"], row["test_acc_raw"] = acc(avg), acc(method.model)
     return {**row, **method.metrics(test, device)}
@@ -310,7 +315,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     opt = make_optimizer(method.param_groups(), cfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay and not method.owns_ema else None
     history, start, elapsed = History(), 0, 0.0
-    run = run_identity(method, train, split, cfg)
+    run = run_identity(method, train, split, cfg, device)
 
     if checkpoint is not None and Path(checkpoint).exists():                      # resume
         state = load_checkpoint(checkpoint, device)

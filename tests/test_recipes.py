@@ -24,13 +24,19 @@ def _two_stage():
     return Recipe("two_stage", [Stage("probe", lambda ctx: FineTune(ctx.new_model(), freeze_encoder=True), 0.25),
                                 Stage("tune", lambda ctx: FineTune(ctx.previous.model, encoder_lr=0.1), 0.75)])
 
+def _new_head_stages():
+    "A second stage that builds a new head: resuming must rebuild it with the same initial weights."
+    return Recipe("heads", [Stage("first", lambda ctx: Supervised(ctx.new_model()), 0.5),
+                            Stage("second", lambda ctx: FineTune(with_new_head(ctx.previous_model(), 10), encoder_lr=0.5),
+                                  0.5)])
+
 def test_budgets_add_up_and_bad_recipes_are_errors():
     r = Recipe("r", [Stage(n, lambda ctx: None, 1 / 3) for n in "abc"])
     assert r.budgets(2000) == [667, 666, 667] and sum(r.budgets(301)) == 301
     with pytest.raises(ValueError, match="add up to 1"): Recipe("r", [Stage("a", lambda c: None, 0.5)])
     with pytest.raises(ValueError, match="differ"): Recipe("r", [Stage("a", lambda c: None, 0.5)] * 2)
-    with pytest.raises(ValueError, match="steps and seed"): Recipe("r", [Stage("a", lambda c: None, 1.0, {"steps": 3})])
-    with pytest.raises(ValueError, match="steps"): Recipe("r", [Stage("a", lambda c: None, 1.0, {"nonsense": 3})])
+    with pytest.raises(ValueError, match="steps or seed"): Recipe("r", [Stage("a", lambda c: None, 1.0, {"steps": 3})])
+    with pytest.raises(ValueError, match="unknown FitConfig"): Recipe("r", [Stage("a", lambda c: None, 1.0, {"nonsense": 3})])
     with pytest.raises(ValueError, match="cannot be shared"): r.budgets(2)
     with pytest.raises(ValueError, match="at least one"): Recipe("r", [])
 
@@ -82,6 +88,55 @@ def test_recipe_resumes_each_stage_bit_exact(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["test_acc"] for r in again.history.rows] == [r["test_acc"] for r in ref.history.rows]
 
+def test_resume_at_a_stage_boundary_rebuilds_the_same_new_head(tiny, tmp_path):
+    "A crash after stage 0 finished but before stage 1's first checkpoint: the resumed run equals the uninterrupted one."
+    preset, train, test, s = tiny
+    cfg = replace(preset.fit, steps=20, eval_every=5)
+    mk = lambda: make_model(preset, train, 0)
+    ref = fit_recipe(_new_head_stages(), mk, train, s, cfg, test, device="cpu", progress=False)
+    crash = _new_head_stages()
+    build = crash.stages[1].build
+    class Boom(Exception): pass
+    def dying(ctx):
+        m = build(ctx)
+        m.training_step = lambda b: (_ for _ in ()).throw(Boom())
+        return m
+    crash.stages[1] = Stage("second", dying, 0.5)
+    with pytest.raises(Boom):
+        fit_recipe(crash, mk, train, s, cfg, test, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    torch.rand(7)                                                         # a different global RNG state
+    again = fit_recipe(_new_head_stages(), mk, train, s, cfg, test, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    a, b = ref.method.model.state_dict(), again.method.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the EMA copy it fine-tunes was made trainable: the encoder did move
+    assert any(p.requires_grad for p in again.method.model.encoder.parameters())
+
+def test_finetune_of_an_untrainable_encoder_is_a_clear_error(tiny):
+    preset, train, test, s = tiny
+    frozen = make_model(preset, train, 0).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        FineTune(frozen)
+    FineTune(frozen, freeze_encoder=True)                                  # a probe is fine
+
+def test_label_free_last_stage_is_a_clear_error(tiny):
+    from ssl_book.experiment import run_one
+    from ssl_book.recipes import RECIPES
+    from ssl_book.train import Method
+    class Free(Supervised):
+        uses_labels = False
+        def training_step(self, batch): return self.model(batch.aug.weak(batch.x)).logsumexp(1).mean(), {}
+    preset, train, test, s = tiny
+    RECIPES["_free"] = lambda preset=None: Recipe("_free", [Stage("only", lambda ctx: Free(ctx.new_model()), 1.0)])
+    try:
+        with pytest.raises(ValueError, match="ends without a test accuracy"):
+            run_one(replace(preset, fit=replace(preset.fit, steps=2)), "_free", train, test, s, 0, device="cpu")
+    finally: del RECIPES["_free"]
+
+def test_a_recipes_run_id_changes_with_its_builders_constants():
+    a = Recipe("r", [Stage("s", lambda ctx: Student(ctx.new_model(), ctx.previous_model(), tau=0.95), 1.0)])
+    b = Recipe("r", [Stage("s", lambda ctx: Student(ctx.new_model(), ctx.previous_model(), tau=0.9), 1.0)])
+    assert a.identity() != b.identity() and a.identity() == a.identity()
+
 def test_probe_leaves_the_encoder_alone_and_finetune_scales_its_rate(tiny):
     preset, train, test, s = tiny
     src = make_model(preset, train, 0)
@@ -105,7 +160,7 @@ def test_student_uses_the_teachers_offline_targets_by_index(tiny):
     st.setup(train, s, torch.device("cpu"))
     from ssl_book.evaluate import predict
     probs = predict(teacher, train.images[s.unlabeled]).softmax(1)
-    assert torch.allclose(st._targets[s.unlabeled], probs) and st._targets[s.labeled].abs().sum() == 0
+    assert torch.allclose(st._targets[s.unlabeled].cpu(), probs) and st._targets[s.labeled].abs().sum() == 0
     h = fit(st, train, s, replace(preset.fit, steps=20, eval_every=20), test, progress=False, device="cpu")
     acc = (probs.argmax(1) == train.labels[s.unlabeled]).float().mean().item()
     assert abs(h.final["teacher_acc"] - acc) < 0.15 and h.final["mask"] == 1.0
@@ -149,6 +204,12 @@ def test_leaderboard_table_and_chart(tmp_path):
     assert a["raw_mean"] == pytest.approx(84.0) and a["clear"] and not b["clear"]
     assert a["vs_baseline"] == pytest.approx(5.0)
     assert "(clear)" in format_table(rows) and "(in spread)" in format_table(rows)
+    # runs of one method under another setting are another row, not more seeds
+    save_record({"run_id": "x1", "config_id": "other", "preset": "cpu", "method": "a", "labels": 1000, "seed": 0,
+                 "test_acc": 0.5, "test_acc_raw": 0.5, "minutes": 1.0}, tmp_path)
+    rows2 = leaderboard("cpu", tmp_path)
+    assert sorted(r["seeds"] for r in rows2 if r["method"] == "a") == [1, 3]
+    assert {r["name"] for r in rows2 if r["method"] == "a"} == {"a [other]", "a"}
     ax = plot_leaderboard(rows, highlight=["a"])
     assert ax.get_xlabel().startswith("test accuracy") and len(ax.patches) == 3
     assert leaderboard("cpu", tmp_path, methods=["b"])[1]["method"] == "b" and len(leaderboard("cpu", tmp_path, methods=["b"])) == 2

@@ -234,9 +234,6 @@ def test_param_groups_lr_scale_and_train_mode_hooks(digits):
         def train_mode(self): self.model.train(); self.model.encoder.eval()
     enc = {k: v.clone() for k, v in m.encoder.state_dict().items()}
     meth = Frozen(m)
-    lrs = []
-    orig = meth.training_step
-    meth.training_step = lambda b: (lrs.append(b.step), orig(b))[1]
     fit(meth, train, s, replace(CFG, steps=6, eval_every=6), progress=False, device="cpu")
     assert all(torch.equal(enc[k], v) for k, v in m.encoder.state_dict().items())   # BatchNorm buffers too
     opt = make_optimizer(meth.param_groups(), CFG)
