@@ -174,7 +174,7 @@ class Augmenter:
 
     def _fp32(self, x: torch.Tensor):
         # `fit` trains under bf16 autocast where the hardware has it; geometric and colour operations in bf16 would
-        # move grey levels by up to 14/255, so augmentation opts out of autocast
+        # round grey levels visibly, so augmentation opts out of autocast
         return torch.autocast(x.device.type, enabled=False)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
