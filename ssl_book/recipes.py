@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .data import ImageSet, Split
 from .evaluate import predict
 from .models import Classifier
-from .train import Batch, FitConfig, History, Method, Supervised, fit
+from .train import Batch, FitConfig, History, Method, Supervised, fit, register_in
 
 # %% auto #0
 __all__ = ['RECIPES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'fit_recipe', 'register_recipe',
@@ -140,10 +140,7 @@ RECIPES: dict[str, Callable[..., Recipe]] = {}
 
 def register_recipe(name: str, factory: Callable[..., Recipe] | None = None) -> Callable:
     "Make `factory(preset) -> Recipe` available under `name`; usable as a decorator."
-    def deco(f):
-        RECIPES[name] = f
-        return f
-    return deco(factory) if factory is not None else deco
+    return register_in(RECIPES, name, factory)
 
 # %% ../nbs/toolkit/recipes.ipynb #c012
 def with_new_head(model: nn.Module, n_classes: int) -> Classifier:

@@ -20,8 +20,8 @@ from .data import ImageSet, Split, StepSampler, default_device
 from .evaluate import accuracy
 
 # %% auto #0
-__all__ = ['METHODS', 'PRECISIONS', 'Batch', 'Method', 'register_method', 'Supervised', 'FitConfig', 'cpu_has_bf16',
-           'resolve_precision', 'make_optimizer', 'lr_factor', 'ema_update', 'ema_decay_at', 'History',
+__all__ = ['METHODS', 'PRECISIONS', 'Batch', 'Method', 'register_in', 'register_method', 'Supervised', 'FitConfig',
+           'cpu_has_bf16', 'resolve_precision', 'make_optimizer', 'lr_factor', 'ema_update', 'ema_decay_at', 'History',
            'save_checkpoint', 'load_checkpoint', 'step_seed', 'NonFiniteLossError', 'run_identity', 'fit']
 
 # %% ../nbs/toolkit/train.ipynb #c005
@@ -108,12 +108,16 @@ class Method:
 # %% ../nbs/toolkit/train.ipynb #c007
 METHODS: dict[str, Callable[..., Method]] = {}
 
-def register_method(name: str, factory: Callable[..., Method] | None = None) -> Callable:
-    "Make `factory(model, preset) -> Method` available under `name`; usable as a decorator."
+def register_in(registry: dict, name: str, factory: Callable | None = None) -> Callable:
+    "Put `factory` into `registry` under `name` and return it; without a factory, a decorator that does so."
     def deco(f):
-        METHODS[name] = f
+        registry[name] = f
         return f
     return deco(factory) if factory is not None else deco
+
+def register_method(name: str, factory: Callable[..., Method] | None = None) -> Callable:
+    "Make `factory(model, preset) -> Method` available under `name`; usable as a decorator."
+    return register_in(METHODS, name, factory)
 
 # %% ../nbs/toolkit/train.ipynb #c009
 class Supervised(Method):
