@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
     b.add_argument("--out", default="runs/bench", help="folder for results.json and results.png")
     b.add_argument("--store", default=None, help="results store for one record per run (e.g. nbs/results); reused when present")
+    b.add_argument("--checkpoints", default=None, help="folder for checkpoints; an interrupted run resumes from its last one")
     b.add_argument("--progress", action="store_true", help="show a progress bar")
     s = sub.add_parser("student", help="write the student copy of a chapter notebook",
                        description="Replace solution regions by `raise NotImplementedError()`.")
@@ -62,7 +63,7 @@ def _bench(args) -> int:
     methods = args.methods or ["supervised"] + [m for m in available_methods() if m != "supervised"]
     print(f"methods: {', '.join(methods)}; seeds: {' '.join(map(str, args.seeds))}", flush=True)
     results = run_experiment(preset, methods, args.labels, args.seeds, data=data, progress=args.progress,
-                             store=args.store)
+                             store=args.store, checkpoint_dir=args.checkpoints)
     paths = save_results(results, preset, args.out)
     print(format_table(paths["rows"]))
     print(f"wrote {paths['json']} and {paths['png']}")
