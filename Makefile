@@ -8,6 +8,11 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test nbval clean
 
+# Some machines set PYTHONDONTWRITEBYTECODE=1, and pip installs with --no-compile (faster setup): together they make
+# every Python process (each pytest worker, each notebook kernel) compile torch from source again, 10 s or more each.
+# Let the first import write the bytecode, so the rest reuse it.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile $(TORCH)
