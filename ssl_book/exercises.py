@@ -12,8 +12,9 @@ import nbformat
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
-def strip_solutions(source: str, code: bool = True) -> str:
-    "Replace each BEGIN/END SOLUTION region by `raise NotImplementedError()` (code) or 'YOUR ANSWER HERE'."
+def strip_solutions(source: str, code: bool = True, placeholder: str | None = None) -> str:
+    "Replace each BEGIN/END SOLUTION region by `placeholder`: by default `raise NotImplementedError()` (code) or 'YOUR ANSWER HERE'."
+    placeholder = placeholder or ("raise NotImplementedError()" if code else "YOUR ANSWER HERE")
     out, inside = [], False
     for line in source.splitlines():
         stripped = line.strip()
@@ -21,7 +22,7 @@ def strip_solutions(source: str, code: bool = True) -> str:
             if inside: raise ValueError("nested '### BEGIN SOLUTION' marker.")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(indent + ("raise NotImplementedError()" if code else "YOUR ANSWER HERE"))
+            out.append(indent + placeholder)
         elif stripped == END:
             if not inside: raise ValueError("'### END SOLUTION' without a matching BEGIN.")
             inside = False
@@ -31,8 +32,8 @@ def strip_solutions(source: str, code: bool = True) -> str:
     return "\n".join(out)
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'strip_solutions', 'is_solution_cell', 'is_check_cell', 'make_student_copy', 'exercise_summary',
-           'exercise_cells']
+__all__ = ['BEGIN', 'END', 'ANSWER_ELSEWHERE', 'strip_solutions', 'is_solution_cell', 'is_check_cell', 'make_student_copy',
+           'exercise_summary', 'hide_solutions', 'exercise_cells']
 
 # %% ../nbs/toolkit/exercises.ipynb #c005
 def is_solution_cell(cell: dict) -> bool:
@@ -66,6 +67,16 @@ def exercise_summary(notebook: str | Path) -> dict:
     "Counts of solution cells and auto-checked exercises (check cells) in a notebook."
     nb = nbformat.read(Path(notebook), as_version=4)
     return {"solutions": sum(is_solution_cell(c) for c in nb.cells), "checks": sum(is_check_cell(c) for c in nb.cells)}
+
+# %% ../nbs/toolkit/exercises.ipynb #c007
+ANSWER_ELSEWHERE = "*The answer is in the instructor's copy of this notebook.*"
+
+def hide_solutions(cell) -> None:
+    "nbdev doc processor: a solution region becomes the student's stub (code, outputs cleared) or a pointer (markdown)."
+    if BEGIN not in cell.get("source", ""): return
+    code = cell.cell_type == "code"
+    cell.source = strip_solutions(cell.source, code=code, placeholder=None if code else ANSWER_ELSEWHERE)
+    if code: cell.outputs, cell.execution_count = [], None
 
 # %% ../nbs/toolkit/exercises.ipynb #c011
 def _names(source: str) -> tuple[set[str], set[str]] | None:
