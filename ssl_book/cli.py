@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="compare methods on the same split and seeds",
                        description="Train each method on the same seeded split and print test accuracy.")
-    b.add_argument("--preset", default=None, help="tiny | cpu | gpu (default: $SSL_BOOK_PRESET, else gpu with CUDA, else cpu)")
+    b.add_argument("--preset", default=None, help="tiny | cpu | gpu (default: $SSL_BOOK_PRESET, else cpu, also on a GPU)")
     b.add_argument("--methods", nargs="+", default=None, help="registered methods or recipes (default: all of them)")
     b.add_argument("--labels", nargs="+", type=int, default=None, help="labeled examples (default: the preset's)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; each gives its own split")

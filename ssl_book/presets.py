@@ -6,13 +6,14 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/presets.html.md"""
 
 # %% ../nbs/toolkit/presets.ipynb #c003
 from __future__ import annotations
-import copy, os
+import copy, os, statistics
 from dataclasses import dataclass, field, asdict
+from pathlib import Path
 import torch
 from .train import FitConfig
 
 # %% auto #0
-__all__ = ['PRESETS', 'Preset', 'default_preset_name', 'get_preset']
+__all__ = ['PRESETS', 'Preset', 'default_preset_name', 'get_preset', 'preset_costs']
 
 # %% ../nbs/toolkit/presets.ipynb #c004
 @dataclass
@@ -54,8 +55,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 def default_preset_name() -> str:
-    "$SSL_BOOK_PRESET if set, else 'gpu' with CUDA and 'cpu' without."
-    return os.environ.get("SSL_BOOK_PRESET") or ("gpu" if torch.cuda.is_available() else "cpu")
+    "$SSL_BOOK_PRESET if set, else 'cpu', with or without a GPU: the `gpu` preset's hours are a reader's explicit choice."
+    return os.environ.get("SSL_BOOK_PRESET") or "cpu"
 
 def get_preset(name: str | None = None) -> Preset:
     "A copy of the named preset (default: `default_preset_name()`), safe to modify."
@@ -64,3 +65,33 @@ def get_preset(name: str | None = None) -> Preset:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
                          "(or set SSL_BOOK_PRESET to one of them).")
     return copy.deepcopy(PRESETS[name])
+
+# %% ../nbs/toolkit/presets.ipynb #c011b
+def _typical_minutes(record: dict) -> float:
+    "A run's training minutes at its median pace per evaluation interval: a pause or a busy spell in one interval does not count."
+    total = 0.0
+    for rows in record.get("stage_histories") or [record["history"]]:
+        t = [0.0] + [r["time_s"] for r in rows]
+        total += len(rows) * statistics.median(b - a for a, b in zip(t, t[1:]))
+    return total / 60
+
+def preset_costs(store: str | Path | None = None) -> str:
+    "Each preset's size and the measured minutes of its stored runs (median over runs, per precision), as a text table."
+    from ssl_book.results import default_store, load_records
+    store = default_store() if store is None else Path(store)
+    if not load_records(store):
+        return (f"no results store at {store.resolve()}: the measured cost of each preset is on the book's presets "
+                "page, https://ssl-book.github.io/ssl_book/toolkit/presets.html")
+    lines = [f"{'preset':<6} {'data, model, steps':<26} {'precision':<9} {'supervised run':>15} {'SSL run':>15}   machine"]
+    for name, p in PRESETS.items():
+        what = f"{p.data}, {p.model} {p.model_kwargs.get('width', '')}".rstrip() + f", {p.fit.steps:,}"
+        recs = load_records(store, name)
+        if not recs: lines.append(f"{name:<6} {what:<26} {'-':<9} {'not measured':>15} {'not measured':>15}   -")
+        for prec in sorted({r["precision"] for r in recs}):
+            rs = [r for r in recs if r["precision"] == prec]
+            cell = lambda xs: f"{statistics.median(xs):.1f} min ({len(xs)})" if xs else "-"
+            sup = [_typical_minutes(r) for r in rs if r["method"] == "supervised"]
+            ssl = [_typical_minutes(r) for r in rs if r["method"] != "supervised"]
+            cpus = "; ".join(sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs}))
+            lines.append(f"{name:<6} {what:<26} {prec:<9} {cell(sup):>15} {cell(ssl):>15}   {cpus}")
+    return "\n".join(lines)
