@@ -29,9 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--store", default=None, help="results store for one record per run (e.g. nbs/results); reused when present")
     b.add_argument("--checkpoints", default=None, help="folder for checkpoints; an interrupted run resumes from its last one")
     b.add_argument("--progress", action="store_true", help="show a progress bar")
-    s = sub.add_parser("student", help="write the student copy of a chapter notebook",
-                       description="Replace solution regions by `raise NotImplementedError()`.")
-    s.add_argument("notebook", help="a chapter notebook with ### BEGIN/END SOLUTION regions")
+    s = sub.add_parser("student", help="write the student copy of a chapter, or release the whole book",
+                       description="Replace solution regions by `raise NotImplementedError()` (code) or a prompt "
+                                   "(written answers). Given a folder, release every chapter with exercises and "
+                                   "write manifest.csv, one row per exercise, for grading.")
+    s.add_argument("notebook", help="a chapter notebook with ### BEGIN/END SOLUTION regions, or a folder (nbs/)")
     s.add_argument("-o", "--out", required=True, help="output folder")
     return p
 
@@ -41,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench": return _bench(args)
         if args.command == "student":
-            from ssl_book.exercises import make_student_copy, exercise_summary
+            from ssl_book.exercises import make_student_copy, exercise_summary, release_book
+            if Path(args.notebook).is_dir():
+                manifest = release_book(args.notebook, args.out)
+                n = sum(1 for _ in open(manifest)) - 1
+                print(f"released {len(list(Path(args.out).glob('*.ipynb')))} chapters to {args.out}; "
+                      f"{manifest} lists {n} exercises")
+                return 0
             out = make_student_copy(args.notebook, args.out)
             print(f"wrote {out} ({exercise_summary(out)['checks']} auto-checked exercises)")
             return 0

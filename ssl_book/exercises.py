@@ -11,10 +11,11 @@ from pathlib import Path
 import nbformat
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"     # what nbgrader's generate_assignment writes
 
 def strip_solutions(source: str, code: bool = True, placeholder: str | None = None) -> str:
-    "Replace each BEGIN/END SOLUTION region by `placeholder`: by default `raise NotImplementedError()` (code) or 'YOUR ANSWER HERE'."
-    placeholder = placeholder or ("raise NotImplementedError()" if code else "YOUR ANSWER HERE")
+    "Replace each BEGIN/END SOLUTION region by `placeholder`, by default nbgrader's own stubs (code, or 'YOUR ANSWER HERE')."
+    placeholder = placeholder or (CODE_STUB if code else "YOUR ANSWER HERE")
     out, inside = [], False
     for line in source.splitlines():
         stripped = line.strip()
@@ -22,7 +23,7 @@ def strip_solutions(source: str, code: bool = True, placeholder: str | None = No
             if inside: raise ValueError("nested '### BEGIN SOLUTION' marker.")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(indent + placeholder)
+            out += [indent + l for l in placeholder.splitlines()]
         elif stripped == END:
             if not inside: raise ValueError("'### END SOLUTION' without a matching BEGIN.")
             inside = False
@@ -32,8 +33,9 @@ def strip_solutions(source: str, code: bool = True, placeholder: str | None = No
     return "\n".join(out)
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'ANSWER_ELSEWHERE', 'strip_solutions', 'is_solution_cell', 'is_check_cell', 'make_student_copy',
-           'exercise_summary', 'hide_solutions', 'exercise_cells']
+__all__ = ['BEGIN', 'END', 'CODE_STUB', 'ANSWER_ELSEWHERE', 'strip_solutions', 'is_solution_cell', 'is_check_cell',
+           'make_student_copy', 'exercise_summary', 'hide_solutions', 'grading_manifest', 'release_book',
+           'exercise_cells']
 
 # %% ../nbs/toolkit/exercises.ipynb #c005
 def is_solution_cell(cell: dict) -> bool:
@@ -77,6 +79,41 @@ def hide_solutions(cell) -> None:
     code = cell.cell_type == "code"
     cell.source = strip_solutions(cell.source, code=code, placeholder=None if code else ANSWER_ELSEWHERE)
     if code: cell.outputs, cell.execution_count = [], None
+
+# %% ../nbs/toolkit/exercises.ipynb #c008b
+def grading_manifest(notebook: str | Path) -> list[dict]:
+    "One row per exercise of `notebook`: chapter, id, kind (auto-checked, by hand (code), written), check id, points."
+    nb = nbformat.read(Path(notebook), as_version=4)
+    rows, cells = [], nb.cells
+    for i, c in enumerate(cells):
+        if not (is_solution_cell(c) and BEGIN in c.source): continue
+        meta = c.metadata["nbgrader"]
+        nxt = None                                   # its check: the first graded cell before the next answer
+        for d in cells[i + 1:] if c.cell_type == "code" else []:
+            if is_solution_cell(d): break
+            if is_check_cell(d): nxt = d; break
+        checked = nxt is not None
+        kind = "written" if c.cell_type == "markdown" else "auto-checked" if checked else "by hand (code)"
+        rows.append({"chapter": Path(notebook).name, "exercise": meta.get("grade_id", f"cell {i}"), "kind": kind,
+                     "check": nxt.metadata["nbgrader"].get("grade_id") if checked else None,
+                     "points": (nxt if checked else c).metadata["nbgrader"].get("points", 0)})
+    return rows
+
+def release_book(src: str | Path, out_dir: str | Path) -> Path:
+    "Student copies of every notebook in `src` that has exercises, and `manifest.csv` beside them; returns the manifest."
+    import csv
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_dir(): raise ValueError(f"{src} is not a folder of notebooks.")
+    books = [p for p in sorted(src.glob("*.ipynb")) if exercise_summary(p)["solutions"]]
+    if not books: raise ValueError(f"no notebook in {src} has '{BEGIN}' regions: nothing to release.")
+    rows = []
+    for nb in books:
+        make_student_copy(nb, out_dir)
+        rows += grading_manifest(nb)
+    manifest = out_dir / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    return manifest
 
 # %% ../nbs/toolkit/exercises.ipynb #c011
 def _names(source: str) -> tuple[set[str], set[str]] | None:

@@ -34,7 +34,8 @@ def test_site_config_is_valid_and_names_only_existing_files():
 def test_there_are_chapters_and_toolkit_notebooks():
     assert CHAPTERS and len(TOOLKIT) >= 5
 
-@pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT + [ROOT / "nbs" / "index.ipynb"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT + [ROOT / "nbs" / "index.ipynb", ROOT / "nbs" / "instructors.ipynb"],
+                         ids=lambda p: p.stem)
 def test_notebook_is_in_the_sidebar_and_has_a_title(nb):
     rel = nb.relative_to(ROOT / "nbs").as_posix()
     assert rel in _listed(), f"{rel} is not listed in nbs/_quarto.yml"

@@ -6,15 +6,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from ssl_book.exercises import (exercise_cells, exercise_summary, is_check_cell, is_solution_cell, make_student_copy,
-                                strip_solutions)
+from ssl_book.exercises import (exercise_cells, exercise_summary, grading_manifest, is_check_cell, is_solution_cell,
+                                make_student_copy, release_book, strip_solutions)
 from conftest import ROOT
 
 CHAPTERS = sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
 
 def test_strip_solutions_keeps_indent_and_rest():
     src = "def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return x + y\n    ### END SOLUTION\nprint('after')"
-    assert strip_solutions(src) == "def f(x):\n    y = 1\n    raise NotImplementedError()\nprint('after')"
+    assert strip_solutions(src) == "def f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError()\nprint('after')"
     assert strip_solutions("### BEGIN SOLUTION\nanswer\n### END SOLUTION", code=False) == "YOUR ANSWER HERE"
 
 @pytest.mark.parametrize("src", ["### BEGIN SOLUTION\nx", "x\n### END SOLUTION",
@@ -76,11 +76,53 @@ def _execute(nb, cwd):
 def _errors(cell):
     return [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
 
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    "The whole book released as an instructor would: `release_book(nbs/)`."
+    out = tmp_path_factory.mktemp("release")
+    return out, release_book(ROOT / "nbs", out)
+
+def test_release_has_every_chapter_and_a_manifest_row_per_exercise(release):
+    import csv
+    out, manifest = release
+    assert sorted(p.name for p in out.glob("*.ipynb")) == [p.name for p in CHAPTERS]
+    rows = list(csv.DictReader(open(manifest)))
+    assert len(rows) == sum(exercise_summary(nb)["solutions"] for nb in CHAPTERS)
+    for nb in CHAPTERS:
+        mine = [r for r in rows if r["chapter"] == nb.name]
+        cells = nbformat.read(nb, as_version=4).cells
+        checks = {c.metadata["nbgrader"]["grade_id"] for c in cells if is_check_cell(c) and not is_solution_cell(c)}
+        assert {r["check"] for r in mine if r["kind"] == "auto-checked"} == checks     # every check cell, once
+        written = [c for c in cells if c.cell_type == "markdown" and is_solution_cell(c)]
+        assert sum(r["kind"] == "written" for r in mine) == len(written)
+
+def test_manifest_kinds_on_a_small_notebook(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION",
+                                  metadata={"nbgrader": {"solution": True, "grade": False, "grade_id": "ex1"}}),
+        nbformat.v4.new_code_cell("import math"),                              # a plain cell between answer and check
+        nbformat.v4.new_code_cell("assert f() == 1", metadata={"nbgrader": {"grade": True, "solution": False,
+                                                                             "grade_id": "ex1-check", "points": 3}}),
+        nbformat.v4.new_code_cell("### BEGIN SOLUTION\nx = 2\n### END SOLUTION",
+                                  metadata={"nbgrader": {"solution": True, "grade": False, "grade_id": "ex2"}}),
+        nbformat.v4.new_markdown_cell("### BEGIN SOLUTION\nbecause\n### END SOLUTION",
+                                      metadata={"nbgrader": {"solution": True, "grade": True, "grade_id": "ex3",
+                                                             "points": 2}})])
+    nbformat.write(nb, tmp_path / "ch.ipynb")
+    rows = grading_manifest(tmp_path / "ch.ipynb")
+    assert [(r["exercise"], r["kind"], r["check"], r["points"]) for r in rows] == [
+        ("ex1", "auto-checked", "ex1-check", 3), ("ex2", "by hand (code)", None, 0), ("ex3", "written", None, 2)]
+    with pytest.raises(ValueError, match="not a folder"):
+        release_book(tmp_path / "ch.ipynb", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nothing to release"):
+        release_book(tmp_path / "empty", tmp_path / "out")
+
 @pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
-def test_student_checks_fail_with_not_implemented(nb, tmp_path):
-    """The student copy's check cells fail until the student answers. Only the exercises' slice of the chapter runs:
+def test_student_checks_fail_with_not_implemented(nb, release):
+    """The released copy's check cells fail until the student answers. Only the exercises' slice of the chapter runs:
     nbval has already run the instructor's copy, solutions and checks included, in full."""
-    student = nbformat.read(make_student_copy(nb, tmp_path / "student"), as_version=4)
+    student = nbformat.read(release[0] / nb.name, as_version=4)
     assert "### BEGIN SOLUTION" not in "".join(c.source for c in student.cells)
     keep = exercise_cells(student)
     student.cells = [c for i, c in enumerate(student.cells) if i in keep]
@@ -98,3 +140,22 @@ def test_every_code_solution_compiles(nb):
     for c in nbformat.read(nb, as_version=4).cells:
         if c.cell_type == "code" and "### BEGIN SOLUTION" in c.source:
             ast.parse(c.source)
+
+
+def test_nbgrader_generate_assignment_agrees_with_our_student_copy(tmp_path):
+    "nbgrader's own generator, run on a chapter, writes the same student notebook as `make_student_copy`."
+    pytest.importorskip("nbgrader", reason="nbgrader is a test extra: pip install -e '.[dev]'")
+    import subprocess
+    nb = ROOT / "nbs" / "03_consistency.ipynb"
+    (tmp_path / "source" / "ch03").mkdir(parents=True)
+    (tmp_path / "source" / "ch03" / nb.name).write_bytes(nb.read_bytes())
+    exe = os.path.join(os.path.dirname(sys.executable), "nbgrader")
+    run = subprocess.run([exe, "generate_assignment", "ch03", f"--CourseDirectory.root={tmp_path}", "--no-db", "--force"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = nbformat.read(tmp_path / "release" / "ch03" / nb.name, as_version=4).cells
+    ours = nbformat.read(make_student_copy(nb, tmp_path / "ours"), as_version=4).cells
+    assert [c.source for c in ours] == [c.source for c in theirs]
+    keys = ("grade_id", "solution", "grade", "locked", "points")
+    meta = lambda cells: [{k: c.metadata.get("nbgrader", {}).get(k) for k in keys} for c in cells]
+    assert meta(ours) == meta(theirs)

@@ -98,3 +98,13 @@ def test_preset_costs_reads_the_store_and_ignores_a_paused_interval(tmp_path):
     # supervised at its median pace, 6 intervals x 6 s = 0.6 min (not 10.5); SSL: the median of 1.2 and 1.8 min
     assert "0.6 min (1)" in tiny and "1.5 min (2)" in tiny and "fp32" in tiny and "Test CPU" in tiny
     assert all("not measured" in l for l in table if l.startswith(("cpu", "gpu")))
+
+def test_student_command_releases_a_folder_with_a_manifest(tmp_path, capsys):
+    from ssl_book.cli import main
+    from conftest import ROOT
+    assert main(["student", str(ROOT / "nbs"), "-o", str(tmp_path / "release")]) == 0
+    out = capsys.readouterr().out
+    n = len(list((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")))
+    assert f"released {n} chapters" in out and (tmp_path / "release" / "manifest.csv").exists()
+    assert main(["student", str(ROOT / "nbs" / "toolkit"), "-o", str(tmp_path / "r2")]) == 2   # no exercises there
+    assert "nothing to release" in capsys.readouterr().err
