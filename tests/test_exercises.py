@@ -1,5 +1,6 @@
 "The exercise convention: student copies hide solutions; the instructor's checks pass and the student's fail."
 import os
+import re
 import sys
 
 import nbformat
@@ -159,3 +160,23 @@ def test_nbgrader_generate_assignment_agrees_with_our_student_copy(tmp_path):
     keys = ("grade_id", "solution", "grade", "locked", "points")
     meta = lambda cells: [{k: c.metadata.get("nbgrader", {}).get(k) for k in keys} for c in cells]
     assert meta(ours) == meta(theirs)
+
+
+# What each check must not call: the package's (or a library's) implementation of the very function the student writes.
+# A student could call it and pass; the checks compare with fixed values and properties instead.
+REFERENCES = {
+    "01_introduction": {"ex2-check": ["F.cross_entropy"], "ex3-check": ["lr_factor"]},
+    "02_assumptions": {"ex1-check": ["propagation_step"], "ex2-check": ["_scipy_entropy", "scipy"]},
+    "03_consistency": {"ex1-check": ["sigmoid_rampup"], "ex2-check": ["fixmatch_loss"], "ex3-check": ["sharpen"]},
+    "04_pseudo_labels": {"ex1-check": ["lee_alpha"], "ex2-check": ["select_pseudo_labels"]},
+    "05_mixmatch": {"ex1-check": ["sharpen"], "ex2-check": ["mixup"]},
+    "09_robustness": {"ex1-check": ["contrast"], "ex2-check": ["motion_kernel"], "ex3-check": ["mce"]},
+}
+
+@pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
+def test_checks_do_not_compare_with_a_reference_the_student_could_call(nb):
+    checks = {c.metadata["nbgrader"]["grade_id"]: c.source for c in nbformat.read(nb, as_version=4).cells
+              if c.cell_type == "code" and is_check_cell(c) and not is_solution_cell(c)}
+    for check, names in REFERENCES.get(nb.stem, {}).items():
+        called = [n for n in names if re.search(rf"(?<![\w]){re.escape(n)}\b", checks[check])]   # not my_<name>
+        assert not called, f"{nb.stem} {check} uses {called}: compare with fixed values or properties instead"
