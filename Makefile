@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pinned for this project's machines (x86_64, Python 3.11), where pip finds both on local disk.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test nbval clean
+.PHONY: setup demo test nbval clean site-check
 
 # Some machines set PYTHONDONTWRITEBYTECODE=1, and pip installs with --no-compile (faster setup): together they make
 # every Python process (each pytest worker, each notebook kernel) compile torch from source again, 10 s or more each.
@@ -35,6 +35,13 @@ test: $(STAMP)
 	cd .nbval && ../$(BIN)/nbdev-clean --clear-all --fname .
 	SSL_BOOK_PRESET=tiny MPLBACKEND=Agg OMP_NUM_THREADS=1 $(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadscope \
 		--durations=10 tests .nbval --nbval-lax
+
+## The site as a reader sees it: nbdev-proc-nbs (what Quarto is given), then every page rendered with nbconvert and
+## opened in headless Chromium (Debian's chromium package: apt-get install chromium). Writes the pages and three
+## screenshots to runs/site/. Not part of `make test`: CI machines have no Chromium, and the Pages workflow runs Quarto.
+site-check: $(STAMP)
+	$(BIN)/nbdev-proc-nbs
+	$(BIN)/python tests/site_check.py --proc _proc --out runs/site
 
 clean:
 	rm -rf .nbval runs _docs _proc

@@ -154,7 +154,7 @@ def _folder_state(root: Path) -> str:
     return h.hexdigest()
 
 def read_image_folder(root: str | Path, cache: bool = True) -> ImageSet:
-    "Read root/<class>/<image> into an `ImageSet`, caching the decoded arrays in an .npz file."
+    "Read `root/<class>/<image>` into an `ImageSet`; the decoded arrays are cached under `CACHE_DIR`, never beside the data."
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist.")

@@ -50,9 +50,10 @@ def test_figure_code_is_folded_on_the_site(nb):
     assert not unfolded, f"add '#| code-fold: true' to the figure cells {unfolded}"
 
 
-@pytest.mark.slow
-def test_nbdev_proc_nbs_processes_every_notebook_offline(tmp_path):
-    "The first step of the Pages build, on a copy with no data, an empty cache and no network."
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+    "The first step of the Pages build, `nbdev-proc-nbs`, on a copy with no data, an empty cache and no network."
+    tmp_path = tmp_path_factory.mktemp("site")
     shutil.copytree(ROOT / "nbs", tmp_path / "nbs", ignore=shutil.ignore_patterns("results", ".ipynb_checkpoints"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     (tmp_path / "bin").mkdir(); (tmp_path / "home").mkdir()
@@ -65,17 +66,34 @@ def test_nbdev_proc_nbs_processes_every_notebook_offline(tmp_path):
     env.pop("SSL_BOOK_PRESET", None)                   # the build runs with the reader's default preset
     exe = Path(sys.executable).with_name("nbdev-proc-nbs")
     run = subprocess.run([str(exe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    return run, tmp_path / "_proc"
+
+
+@pytest.mark.slow
+def test_nbdev_proc_nbs_processes_every_notebook_offline(proc):
+    run, out = proc
     assert run.returncode == 0, run.stderr[-3000:]
-    processed = {p.relative_to(tmp_path / "_proc") for p in (tmp_path / "_proc").rglob("*.ipynb")}
+    processed = {p.relative_to(out) for p in out.rglob("*.ipynb")}
     assert set(NOTEBOOKS) <= processed, f"not processed: {sorted(map(str, set(NOTEBOOKS) - processed))}"
     # the pages show exercises as students get them: no solution marker, and no line of any answer
     for nb in NOTEBOOKS:
-        cells = json.loads((tmp_path / "_proc" / nb).read_text())["cells"]
+        cells = json.loads((out / nb).read_text())["cells"]
         page = "\n".join("".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells)
         markers = [l for l in page.splitlines() if l.strip() in ("### BEGIN SOLUTION", "### END SOLUTION")]
         assert not markers, f"{nb}: solution markers on the page"
         leaked = [line for line in _answer_lines(ROOT / "nbs" / nb) if line in page]
         assert not leaked, f"{nb}: answer lines on the page: {leaked[:3]}"
+
+
+@pytest.mark.slow
+def test_every_page_renders_in_a_browser(proc, tmp_path, capsys):
+    "tests/site_check.py (`make site-check`): every image loads, no solution markers, the TeX is there."
+    import site_check
+    if site_check.browser() is None: pytest.skip("no Chromium here (apt-get install chromium); `make site-check` needs it")
+    run, out = proc
+    assert run.returncode == 0
+    rc = site_check.main(["--proc", str(out), "--out", str(tmp_path), "--screenshots"])
+    assert rc == 0, capsys.readouterr().out
 
 
 def _answer_lines(path: Path) -> list[str]:
