@@ -67,17 +67,9 @@ def get_preset(name: str | None = None) -> Preset:
     return copy.deepcopy(PRESETS[name])
 
 # %% ../nbs/toolkit/presets.ipynb #c011b
-def _typical_minutes(record: dict) -> float:
-    "A run's training minutes at its median pace per evaluation interval: a pause or a busy spell in one interval does not count."
-    total = 0.0
-    for rows in record.get("stage_histories") or [record["history"]]:
-        t = [0.0] + [r["time_s"] for r in rows]
-        total += len(rows) * statistics.median(b - a for a, b in zip(t, t[1:]))
-    return total / 60
-
 def preset_costs(store: str | Path | None = None) -> str:
     "Each preset's size and the measured minutes of its stored runs (median over runs, per precision), as a text table."
-    from ssl_book.results import default_store, load_records
+    from ssl_book.results import default_store, load_records, typical_minutes
     store = default_store() if store is None else Path(store)
     if not load_records(store):
         return (f"no results store at {store.resolve()}: the measured cost of each preset is on the book's presets "
@@ -90,8 +82,8 @@ def preset_costs(store: str | Path | None = None) -> str:
         for prec in sorted({r["precision"] for r in recs}):
             rs = [r for r in recs if r["precision"] == prec]
             cell = lambda xs: f"{statistics.median(xs):.1f} min ({len(xs)})" if xs else "-"
-            sup = [_typical_minutes(r) for r in rs if r["method"] == "supervised"]
-            ssl = [_typical_minutes(r) for r in rs if r["method"] != "supervised"]
+            sup = [typical_minutes(r) for r in rs if r["method"] == "supervised"]
+            ssl = [typical_minutes(r) for r in rs if r["method"] != "supervised"]
             cpus = "; ".join(sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs}))
             lines.append(f"{name:<6} {what:<26} {prec:<9} {cell(sup):>15} {cell(ssl):>15}   {cpus}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 # %% auto #0
 __all__ = ['SCHEMA', 'run_id', 'default_store', 'machine', 'record_path', 'save_record', 'load_records', 'find_record',
-           'summarize', 'format_table', 'leaderboard', 'sort_rows', 'plot_leaderboard']
+           'typical_minutes', 'summarize', 'format_table', 'leaderboard', 'sort_rows', 'plot_leaderboard']
 
 # %% ../nbs/toolkit/results.ipynb #c004
 SCHEMA = 1                      # the record format's version
@@ -71,8 +71,20 @@ def _mean_std(xs: list) -> tuple[float | None, float | None]:
     xs = [100 * x for x in xs]
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
+def typical_minutes(record: dict) -> float:
+    """A run's training minutes at its median pace per evaluation interval, so that a pause or a busy spell in one
+    interval does not count (the recorded minutes if the record has no history)."""
+    rows_per_stage = record.get("stage_histories") or ([record["history"]] if record.get("history") else [])
+    if not rows_per_stage: return record["minutes"]
+    total = 0.0
+    for rows in rows_per_stage:
+        t = [0.0] + [r["time_s"] for r in rows]
+        total += len(rows) * statistics.median(b - a for a, b in zip(t, t[1:]))
+    return total / 60
+
 def summarize(records: Iterable[dict], baseline: str = "supervised") -> list[dict]:
-    "Per (method, labels, config): seeds, mean ± std (in %) of test_acc, EMA and raw accuracy, minutes, gap to `baseline`."
+    """Per (method, labels, config): seeds, mean ± std (in %) of test_acc, EMA and raw accuracy, minutes (mean of
+    `typical_minutes`), gap to `baseline`."""
     groups: dict[tuple, list[dict]] = {}
     for r in records: groups.setdefault((r["method"], r["labels"], r.get("config_id")), []).append(r)
     several = {(m, n) for m, n, _ in groups if sum((m, n) == (m2, n2) for m2, n2, _ in groups) > 1}
@@ -85,7 +97,7 @@ def summarize(records: Iterable[dict], baseline: str = "supervised") -> list[dic
         name = f"{method} [{cid[:6]}]" if (method, labels) in several and cid else method
         row = {"method": method, "name": name, "labels": labels, "config_id": cid,
                "protocol_id": rs[0].get("protocol_id"), "seeds": len(rs),
-               "accs": [100 * r["test_acc"] for r in rs], "minutes": statistics.mean(r["minutes"] for r in rs)}
+               "accs": [100 * r["test_acc"] for r in rs], "minutes": statistics.mean(typical_minutes(r) for r in rs)}
         for key, field in (("acc", "test_acc"), ("ema", "test_acc_ema"), ("raw", "test_acc_raw")):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(field) for r in rs])
         rows.append(row)
@@ -101,12 +113,12 @@ def summarize(records: Iterable[dict], baseline: str = "supervised") -> list[dic
 def format_table(rows: list[dict]) -> str:
     "A plain-text table: method, labels, seeds, test accuracy (EMA) and raw accuracy as mean ± std, gap, minutes."
     f = lambda m, s: f"{m:6.2f} ± {s:<5.2f}" if m is not None else f"{'-':>6}   {'':<5}"
-    lines = [f"{'method':<16} {'labels':>7} {'seeds':>5} {'EMA acc (%)':>14} {'raw acc (%)':>14} "
+    lines = [f"{'method':<19} {'labels':>7} {'seeds':>5} {'EMA acc (%)':>14} {'raw acc (%)':>14} "
              f"{'vs baseline':>22} {'minutes':>8}"]
     for r in rows:
         gap = "" if r.get("vs_baseline") is None else \
               f"{r['vs_baseline']:+6.2f} {'(1 seed)' if r['clear'] is None else '(clear)' if r['clear'] else '(in spread)'}"
-        lines.append(f"{r.get('name', r['method']):<16} {r['labels']:>7,} {r['seeds']:>5} {f(r.get('ema_mean'), r.get('ema_std'))} "
+        lines.append(f"{r.get('name', r['method']):<19} {r['labels']:>7,} {r['seeds']:>5} {f(r.get('ema_mean'), r.get('ema_std'))} "
                      f"{f(r.get('raw_mean'), r.get('raw_std'))} {gap:>22} {r['minutes']:>8.2f}")
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ def test_site_config_is_valid_and_names_only_existing_files():
 def test_there_are_chapters_and_toolkit_notebooks():
     assert CHAPTERS and len(TOOLKIT) >= 5
 
-@pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT + [ROOT / "nbs" / "index.ipynb", ROOT / "nbs" / "instructors.ipynb"],
+@pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT + [ROOT / "nbs" / n for n in ("index.ipynb", "instructors.ipynb", "protocol.ipynb")],
                          ids=lambda p: p.stem)
 def test_notebook_is_in_the_sidebar_and_has_a_title(nb):
     rel = nb.relative_to(ROOT / "nbs").as_posix()
