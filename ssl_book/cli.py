@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "student":
             from ssl_book.exercises import make_student_copy, exercise_summary, release_book
             if Path(args.notebook).is_dir():
-                manifest = release_book(args.notebook, args.out)
-                n = sum(1 for _ in open(manifest)) - 1
-                print(f"released {len(list(Path(args.out).glob('*.ipynb')))} chapters to {args.out}; "
-                      f"{manifest} lists {n} exercises")
+                release_book(args.notebook, args.out)         # prints what it released
                 return 0
             out = make_student_copy(args.notebook, args.out)
             print(f"wrote {out} ({exercise_summary(out)['checks']} auto-checked exercises)")

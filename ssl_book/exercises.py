@@ -15,7 +15,7 @@ CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"     # what nbgrader'
 
 def strip_solutions(source: str, code: bool = True, placeholder: str | None = None) -> str:
     "Replace each BEGIN/END SOLUTION region by `placeholder`, by default nbgrader's own stubs (code, or 'YOUR ANSWER HERE')."
-    placeholder = placeholder or (CODE_STUB if code else "YOUR ANSWER HERE")
+    if placeholder is None: placeholder = CODE_STUB if code else "YOUR ANSWER HERE"
     out, inside = [], False
     for line in source.splitlines():
         stripped = line.strip()
@@ -46,18 +46,21 @@ def is_check_cell(cell: dict) -> bool:
     "True for a graded cell (a check cell, or a graded written answer)."
     return bool(cell.get("metadata", {}).get("nbgrader", {}).get("grade"))
 
+def _as_student_sees_it(cell, written_placeholder: str | None = None) -> None:
+    "Strip the cell's solution regions; clear the outputs of exercise cells (no 'correct' before the student has worked)."
+    exercise = BEGIN in cell.source or is_solution_cell(cell) or is_check_cell(cell)
+    if BEGIN in cell.source:
+        code = cell.cell_type == "code"
+        cell.source = strip_solutions(cell.source, code=code, placeholder=None if code else written_placeholder)
+    if cell.cell_type == "code" and exercise: cell.outputs, cell.execution_count = [], None
+
 def make_student_copy(notebook: str | Path, out_dir: str | Path) -> Path:
     "Write the student copy of `notebook` into `out_dir` (same file name) and return its path."
     notebook, out_dir = Path(notebook), Path(out_dir)
     if not notebook.is_file(): raise ValueError(f"notebook {notebook} does not exist.")
     nb = nbformat.read(notebook, as_version=4)
-    n = 0
-    for cell in nb.cells:
-        if BEGIN in cell.source:
-            cell.source = strip_solutions(cell.source, code=cell.cell_type == "code")
-            n += 1
-        if cell.cell_type == "code" and (BEGIN in cell.source or is_solution_cell(cell) or is_check_cell(cell)):
-            cell.outputs, cell.execution_count = [], None   # no "correct" output before the student has worked
+    n = sum(BEGIN in cell.source for cell in nb.cells)
+    for cell in nb.cells: _as_student_sees_it(cell)
     if n == 0: raise ValueError(f"{notebook} has no '{BEGIN}' regions: nothing to hide.")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / notebook.name
@@ -74,11 +77,9 @@ def exercise_summary(notebook: str | Path) -> dict:
 ANSWER_ELSEWHERE = "*The answer is in the instructor's copy of this notebook.*"
 
 def hide_solutions(cell) -> None:
-    "nbdev doc processor: a solution region becomes the student's stub (code, outputs cleared) or a pointer (markdown)."
-    if BEGIN not in cell.get("source", ""): return
-    code = cell.cell_type == "code"
-    cell.source = strip_solutions(cell.source, code=code, placeholder=None if code else ANSWER_ELSEWHERE)
-    if code: cell.outputs, cell.execution_count = [], None
+    """nbdev doc processor: each exercise cell (nbgrader metadata) as in the student copy, except that a written answer
+    becomes a pointer. Other cells stay as they are, such as this page's own examples of the markers."""
+    if is_solution_cell(cell) or is_check_cell(cell): _as_student_sees_it(cell, written_placeholder=ANSWER_ELSEWHERE)
 
 # %% ../nbs/toolkit/exercises.ipynb #c008b
 def grading_manifest(notebook: str | Path) -> list[dict]:
@@ -113,6 +114,7 @@ def release_book(src: str | Path, out_dir: str | Path) -> Path:
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    print(f"released {len(books)} chapters to {out_dir}; {manifest} lists {len(rows)} exercises")
     return manifest
 
 # %% ../nbs/toolkit/exercises.ipynb #c011

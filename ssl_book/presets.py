@@ -9,11 +9,10 @@ from __future__ import annotations
 import copy, os, statistics
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-import torch
 from .train import FitConfig
 
 # %% auto #0
-__all__ = ['PRESETS', 'Preset', 'default_preset_name', 'get_preset', 'preset_costs']
+__all__ = ['PRESETS', 'Preset', 'choose_preset', 'default_preset_name', 'get_preset', 'preset_costs']
 
 # %% ../nbs/toolkit/presets.ipynb #c004
 @dataclass
@@ -54,6 +53,15 @@ PRESETS: dict[str, Preset] = {
                       eval_every=1024)),
 }
 
+_PRESET_AT_IMPORT = os.environ.get("SSL_BOOK_PRESET")        # set outside the notebook (the tests set "tiny")
+
+def choose_preset(name: str) -> str:
+    """A chapter's preset line: use preset `name` from here on, unless $SSL_BOOK_PRESET was already set when the package
+    was first imported (the tests, or a shell). Edit `name` and run the line again to switch."""
+    if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    os.environ["SSL_BOOK_PRESET"] = _PRESET_AT_IMPORT or name
+    return os.environ["SSL_BOOK_PRESET"]
+
 def default_preset_name() -> str:
     "$SSL_BOOK_PRESET if set, else 'cpu', with or without a GPU: the `gpu` preset's hours are a reader's explicit choice."
     return os.environ.get("SSL_BOOK_PRESET") or "cpu"
@@ -68,22 +76,25 @@ def get_preset(name: str | None = None) -> Preset:
 
 # %% ../nbs/toolkit/presets.ipynb #c011b
 def preset_costs(store: str | Path | None = None) -> str:
-    "Each preset's size and the measured minutes of its stored runs (median over runs, per precision), as a text table."
+    """Each preset's size and the measured minutes of its stored supervised and FixMatch runs (median over runs at
+    `typical_minutes`, per precision and machine), as a text table. Runs with other steps or another model are left out."""
     from ssl_book.results import default_store, load_records, typical_minutes
     store = default_store() if store is None else Path(store)
     if not load_records(store):
         return (f"no results store at {store.resolve()}: the measured cost of each preset is on the book's presets "
                 "page, https://ssl-book.github.io/ssl_book/toolkit/presets.html")
-    lines = [f"{'preset':<6} {'data, model, steps':<26} {'precision':<9} {'supervised run':>15} {'SSL run':>15}   machine"]
+    lines = [f"{'preset':<6} {'data, model, steps':<26} {'precision':<9} {'supervised run':>15} {'FixMatch run':>15}   machine"]
     for name, p in PRESETS.items():
         what = f"{p.data}, {p.model} {p.model_kwargs.get('width', '')}".rstrip() + f", {p.fit.steps:,}"
-        recs = load_records(store, name)
-        if not recs: lines.append(f"{name:<6} {what:<26} {'-':<9} {'not measured':>15} {'not measured':>15}   -")
-        for prec in sorted({r["precision"] for r in recs}):
-            rs = [r for r in recs if r["precision"] == prec]
+        recs = [r for r in load_records(store, name) if r.get("steps") == p.fit.steps and r.get("model") == p.model]
+        groups: dict[tuple, list[dict]] = {}
+        for r in recs:
+            m = r["machine"]
+            groups.setdefault((r["precision"], f"{m.get('gpu') or m['cpu']}, {m['threads']} thread(s)"), []).append(r)
+        if not groups: lines.append(f"{name:<6} {what:<26} {'-':<9} {'not measured':>15} {'not measured':>15}   -")
+        for (prec, where), rs in sorted(groups.items()):
             cell = lambda xs: f"{statistics.median(xs):.1f} min ({len(xs)})" if xs else "-"
             sup = [typical_minutes(r) for r in rs if r["method"] == "supervised"]
-            ssl = [typical_minutes(r) for r in rs if r["method"] != "supervised"]
-            cpus = "; ".join(sorted({r["machine"].get("gpu") or r["machine"]["cpu"] for r in rs}))
-            lines.append(f"{name:<6} {what:<26} {prec:<9} {cell(sup):>15} {cell(ssl):>15}   {cpus}")
+            fm = [typical_minutes(r) for r in rs if r["method"] == "fixmatch"]
+            lines.append(f"{name:<6} {what:<26} {prec:<9} {cell(sup):>15} {cell(fm):>15}   {where}")
     return "\n".join(lines)

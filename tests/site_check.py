@@ -4,9 +4,11 @@ Quarto cannot be installed on the project's machines, so this renders what Quart
 output in `_proc/`) with nbconvert's HTML exporter instead, and opens every page in headless Chromium (Debian's
 `chromium` package). A script added to each page reports, once the page has loaded:
 
-- images that failed to load (every figure is an embedded PNG, so none should);
-- solution markers (`### BEGIN SOLUTION`) in the page text;
-- whether the page's TeX survived (MathJax is not fetched offline, so the check is that the source is there).
+- figures that failed to load (every figure is an embedded PNG, so none should; linked images such as the Colab
+  badge need the network and are not counted);
+- solution markers (`### BEGIN SOLUTION`) in the rendered prose, where a written answer would show as a heading;
+- whether the TeX of the page's markdown survived (MathJax is not fetched offline, so the check is that the source
+  is there, in the rendered prose and not only in code).
 
 Usage: python tests/site_check.py [--proc _proc] [--out runs/site] [--screenshots 01_introduction 03_consistency ...]
 Writes one HTML file per page into --out, prints one line per page and exits 1 if any page fails.
@@ -18,10 +20,11 @@ from pathlib import Path
 PROBE = """<script>
 window.addEventListener("load", () => {
   const imgs = [...document.images];
-  const text = document.body.innerText;
-  const report = {images: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length,
-                  markers: /^\\s*### (BEGIN|END) SOLUTION\\s*$/m.test(text),
-                  tex: /\\$\\$|\\\\\\(|\\$[^$\\s][^$]*\\$/.test(text)};
+  const prose = [...document.querySelectorAll(".jp-RenderedMarkdown")].map(e => e.innerText).join(" ");
+  const local = imgs.filter(i => !/^https?:/.test(i.getAttribute("src") || ""));   // figures; not the Colab badge
+  const report = {images: local.length, broken: local.filter(i => !(i.complete && i.naturalWidth > 0)).length,
+                  markers: /^\\s*#* *(BEGIN|END) SOLUTION\\s*$/m.test(prose),
+                  tex: /\\$\\$|\\\\\\(|\\$[^$\\s][^$]*\\$/.test(prose)};
   const pre = document.createElement("pre"); pre.id = "site-check"; pre.style.display = "none";
   pre.textContent = JSON.stringify(report);
   document.body.appendChild(pre);
@@ -41,6 +44,7 @@ def render(nb: Path, out: Path) -> Path:
     raw = json.loads(nb.read_text())
     for c in raw["cells"]:                     # nbdev's own keys (timings, show_doc flags): not nbformat, Quarto ignores them
         c.get("metadata", {}).pop("execution", None); c.pop("has_sd", None)
+    raw.get("metadata", {}).pop("widgets", None)   # else nbconvert adds the widget manager from unpkg.com: no load event offline
     book = nbformat.reads(json.dumps(raw), as_version=4)
     html, _ = HTMLExporter(template_name="lab").from_notebook_node(book)
     page = out / nb.with_suffix(".html").name

@@ -44,8 +44,11 @@ def test_notebook_is_in_the_sidebar_and_has_a_title(nb):
 
 @pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
 def test_chapter_has_colab_badge_for_itself(nb):
-    first = nbformat.read(nb, as_version=4).cells[0].source
-    assert "colab-badge.svg" in first and f"blob/main/nbs/{nb.name}" in first
+    "The badge opens this notebook, in a cell of its own: nbdev turns the title cell into page metadata, badge and all."
+    cells = nbformat.read(nb, as_version=4).cells
+    assert "colab-badge.svg" not in cells[0].source
+    badge = cells[1].source
+    assert cells[1].cell_type == "markdown" and "colab-badge.svg" in badge and f"blob/main/nbs/{nb.name}" in badge
 
 def test_chapters_are_listed_in_reading_order():
     listed = [f for f in _listed() if re.fullmatch(r"\d\d_\w+\.ipynb", f)]

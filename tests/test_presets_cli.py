@@ -84,7 +84,7 @@ def _cost_record(method, precision, interval_s, seed):
     hist = [{"step": 50 * (i + 1), "time_s": sum(interval_s[: i + 1])} for i in range(len(interval_s))]
     return {"run_id": f"{method}{precision}{seed}", "preset": "tiny", "method": method, "labels": 50, "seed": seed,
             "test_acc": 0.9, "test_acc_raw": 0.9, "minutes": sum(interval_s) / 60, "precision": precision,
-            "machine": {"cpu": "Test CPU", "gpu": None}, "history": hist}
+            "machine": {"cpu": "Test CPU", "gpu": None, "threads": 2}, "history": hist, "steps": 300, "model": "cnn"}
 
 def test_preset_costs_reads_the_store_and_ignores_a_paused_interval(tmp_path):
     from ssl_book.presets import preset_costs
@@ -93,6 +93,7 @@ def test_preset_costs_reads_the_store_and_ignores_a_paused_interval(tmp_path):
     save_record(_cost_record("supervised", "fp32", [6, 6, 6, 600, 6, 6], 0), tmp_path)   # paused once for 10 minutes
     save_record(_cost_record("fixmatch", "fp32", [12] * 6, 0), tmp_path)
     save_record(_cost_record("fixmatch", "fp32", [18] * 6, 1), tmp_path)
+    save_record({**_cost_record("fixmatch", "fp32", [99] * 6, 2), "steps": 20}, tmp_path)    # --steps 20: not the preset
     table = preset_costs(tmp_path).splitlines()
     tiny = next(l for l in table if l.startswith("tiny"))
     # supervised at its median pace, 6 intervals x 6 s = 0.6 min (not 10.5); SSL: the median of 1.2 and 1.8 min
@@ -108,3 +109,14 @@ def test_student_command_releases_a_folder_with_a_manifest(tmp_path, capsys):
     assert f"released {n} chapters" in out and (tmp_path / "release" / "manifest.csv").exists()
     assert main(["student", str(ROOT / "nbs" / "toolkit"), "-o", str(tmp_path / "r2")]) == 2   # no exercises there
     assert "nothing to release" in capsys.readouterr().err
+
+def test_choose_preset_follows_the_line_unless_the_environment_chose(monkeypatch):
+    import ssl_book.presets as P
+    monkeypatch.setattr(P, "_PRESET_AT_IMPORT", None)             # nothing set outside the notebook
+    monkeypatch.setenv("SSL_BOOK_PRESET", "cpu")
+    assert P.choose_preset("gpu") == "gpu" and P.default_preset_name() == "gpu"
+    assert P.choose_preset("tiny") == "tiny"                       # the line edited and run again
+    monkeypatch.setattr(P, "_PRESET_AT_IMPORT", "tiny")            # the tests' SSL_BOOK_PRESET=tiny wins
+    assert P.choose_preset("gpu") == "tiny" and P.default_preset_name() == "tiny"
+    with pytest.raises(ValueError, match="unknown preset"):
+        P.choose_preset("huge")
