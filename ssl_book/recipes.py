@@ -67,10 +67,15 @@ class Recipe:
             raise ValueError("a stage may not set steps or seed in its config: they come from the recipe's budget and seed.")
 
     def identity(self) -> list:
-        "What names the recipe in a run id: each stage's name, share, config and its builder's code and constants."
+        """What names the recipe in a run id: each stage's name, share, config and its builder's code and constants,
+        and the plain values its builder reads from an enclosing function (a recipe factory's arguments)."""
         def code(f):
             c = getattr(f, "__code__", None)
-            return hashlib.sha1(c.co_code + repr(c.co_consts).encode()).hexdigest()[:12] if c else repr(f)
+            if c is None: return repr(f)
+            closure = [x.cell_contents for x in f.__closure__ or ()]
+            plain = [v for v in closure if isinstance(v, (bool, int, float, str, tuple, type(None)))]
+            extra = repr(plain).encode() if plain else b""            # no closure: the same id as before
+            return hashlib.sha1(c.co_code + repr(c.co_consts).encode() + extra).hexdigest()[:12]
         return [[s.name, s.share, s.config, code(s.build)] for s in self.stages]
 
     def budgets(self, steps: int) -> list[int]:

@@ -137,6 +137,12 @@ def test_a_recipes_run_id_changes_with_its_builders_constants():
     b = Recipe("r", [Stage("s", lambda ctx: Student(ctx.new_model(), ctx.previous_model(), tau=0.9), 1.0)])
     assert a.identity() != b.identity() and a.identity() == a.identity()
 
+def test_a_recipes_run_id_changes_with_its_factorys_arguments():
+    "A builder made inside a factory reads the factory's arguments from its closure: they name the run too."
+    def factory(tau: float) -> Recipe:
+        return Recipe("r", [Stage("s", lambda ctx: Student(ctx.new_model(), ctx.previous_model(), tau=tau), 1.0)])
+    assert factory(0.95).identity() != factory(0.9).identity() and factory(0.9).identity() == factory(0.9).identity()
+
 def test_probe_leaves_the_encoder_alone_and_finetune_scales_its_rate(tiny):
     preset, train, test, s = tiny
     src = make_model(preset, train, 0)
