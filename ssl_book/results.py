@@ -94,7 +94,13 @@ def summarize(records: Iterable[dict], baseline: str = "supervised") -> list[dic
         if len(set(seeds)) < len(seeds):
             raise ValueError(f"{method} ({labels} labels) has two records of one configuration with the same seed; "
                              "they are not independent runs.")
-        name = f"{method} [{cid[:6]}]" if (method, labels) in several and cid else method
+        name = method
+        if (method, labels) in several and cid:
+            # configurations that differ only in precision are named by it; others by their configuration id
+            ps = [{r.get("precision") for r in groups[k]} for k in groups if k[:2] == (method, labels)]
+            names = [p.pop() if len(p) == 1 else None for p in ps]
+            unique = None not in names and len(set(names)) == len(names)
+            name = f"{method} ({rs[0].get('precision')})" if unique else f"{method} [{cid[:6]}]"
         row = {"method": method, "name": name, "labels": labels, "config_id": cid,
                "protocol_id": rs[0].get("protocol_id"), "seeds": len(rs),
                "accs": [100 * r["test_acc"] for r in rs], "minutes": statistics.mean(typical_minutes(r) for r in rs)}

@@ -216,6 +216,10 @@ def test_leaderboard_table_and_chart(tmp_path):
     rows2 = leaderboard("cpu", tmp_path)
     assert sorted(r["seeds"] for r in rows2 if r["method"] == "a") == [1, 3]
     assert {r["name"] for r in rows2 if r["method"] == "a"} == {"a [other]", "a"}
+    for p, cid in (("fp32", "c32"), ("bf16", "c16")):              # configurations that differ in precision only
+        save_record({"run_id": f"y{p}", "config_id": cid, "preset": "cpu", "method": "c", "labels": 1000, "seed": 0,
+                     "precision": p, "test_acc": 0.5, "test_acc_raw": 0.5, "minutes": 1.0}, tmp_path)
+    assert {r["name"] for r in leaderboard("cpu", tmp_path) if r["method"] == "c"} == {"c (fp32)", "c (bf16)"}
     ax = plot_leaderboard(rows, highlight=["a"])
     assert ax.get_xlabel().startswith("test accuracy") and len(ax.patches) == 3
     assert leaderboard("cpu", tmp_path, methods=["b"])[1]["method"] == "b" and len(leaderboard("cpu", tmp_path, methods=["b"])) == 2
