@@ -10,7 +10,7 @@ import argparse, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['main']
+__all__ = ['main', 'main_module']
 
 # %% ../nbs/toolkit/cli.ipynb #c004
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--store", default=None, help="results store for one record per run (e.g. nbs/results); reused when present")
     b.add_argument("--checkpoints", default=None, help="folder for checkpoints; an interrupted run resumes from its last one")
     b.add_argument("--progress", action="store_true", help="show a progress bar")
+    t = sub.add_parser("train", help="train one method on your own images and save the model",
+                       description="Train a registered method on a folder of images (root/train/<class>/, optional "
+                                   "root/unlabeled/ and root/test/<class>/, or root/labels.csv) and save the model.")
+    t.add_argument("--data", default="folder", help="folder (default) | digits | cifar10 | synthetic")
+    t.add_argument("--root", default=None, help="the data folder")
+    t.add_argument("--method", default="fixmatch", help="a registered method (default: fixmatch)")
+    t.add_argument("--preset", default=None, help="the preset whose model and training settings to use (default: cpu)")
+    t.add_argument("--model", default=None, help="cnn | wrn28_2 | resnet18 (default: the preset's)")
+    t.add_argument("--image-size", type=int, default=None, help="resize every image to this size (cover, then centre crop)")
+    t.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint", default=None, help="checkpoint file: an interrupted run resumes from it")
+    t.add_argument("-o", "--out", default="model.pt", help="where to save the trained model (default: model.pt)")
+    r = sub.add_parser("predict", help="predict the class of every image in a folder",
+                       description="Load a model saved by `ssl-book train` (or ssl_book.models.save_model) and write "
+                                   "one CSV row per image under DIR: path, predicted label, confidence.")
+    r.add_argument("model", help="a saved model file")
+    r.add_argument("folder", help="a folder of images (searched recursively)")
+    r.add_argument("-o", "--out", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
     s = sub.add_parser("student", help="write the student copy of a chapter, or release the whole book",
                        description="Replace solution regions by `raise NotImplementedError()` (code) or a prompt "
                                    "(written answers). Given a folder, release every chapter with exercises and "
@@ -42,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "bench": return _bench(args)
+        if args.command == "train": return _train(args)
+        if args.command == "predict": return _predict(args)
         if args.command == "student":
             from ssl_book.exercises import make_student_copy, exercise_summary, release_book
             if Path(args.notebook).is_dir():
@@ -72,4 +93,55 @@ def _bench(args) -> int:
     paths = save_results(results, preset, args.out)
     print(format_table(paths["rows"]))
     print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+def main_module() -> None:
+    "Run `main` when the package runs as `python -m ssl_book`; do nothing elsewhere (a notebook, the docs build)."
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == "ssl_book.__main__": sys.exit(main())
+
+def _train(args) -> int:
+    from dataclasses import replace
+    from ssl_book.data import given_split, load_dataset
+    from ssl_book.evaluate import accuracy
+    from ssl_book.experiment import available_methods, make_model
+    from ssl_book.models import save_model
+    from ssl_book.presets import get_preset
+    from ssl_book.train import METHODS, fit
+    if args.data == "folder" and not args.root: raise ValueError("--data folder needs --root DIR.")
+    preset = get_preset(args.preset or "cpu")
+    if args.model: preset = replace(preset, model=args.model, model_kwargs={})
+    cfg = replace(preset.fit, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    train, test = load_dataset(args.data, root=args.root, image_size=args.image_size)
+    if args.method not in available_methods() or args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}.")
+    s = given_split(train)                   # the data's own labeled and unlabeled images
+    print(f"{train.source}: {len(s.labeled):,} labeled, {len(s.unlabeled):,} unlabeled, {len(test):,} test images "
+          f"of {tuple(train.images.shape[1:])}, {train.n_classes} classes; {args.method}, {cfg.steps:,} steps", flush=True)
+    method = METHODS[args.method](make_model(preset, train, args.seed), preset)
+    fit(method, train, s, cfg, test, checkpoint=args.checkpoint, progress=True)
+    model = method.ema_model if method.ema_model is not None else method.eval_model()
+    print(f"test accuracy: {100 * accuracy(model, test):.2f}% ({len(test):,} images)")
+    save_model(args.out, model, train.classes, tuple(train.images.shape[-2:]))
+    print(f"saved {args.out}")
+    return 0
+
+def _predict(args) -> int:
+    import csv
+    from ssl_book.data import _image_files, decode_images
+    from ssl_book.evaluate import predict
+    from ssl_book.models import load_model
+    folder = Path(args.folder)
+    if not folder.is_dir(): raise ValueError(f"folder {folder} does not exist.")
+    model, info = load_model(args.model)
+    files = _image_files(folder, recursive=True)
+    if not files: raise ValueError(f"no images under {folder}.")
+    images = decode_images(files, folder, tuple(info["image_size"]), cache=False)   # the size the model was trained at
+    probs = predict(model, images).softmax(1)
+    conf, pred = probs.max(1)
+    with open(args.out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "confidence"])
+        for f, p, c in zip(files, pred.tolist(), conf.tolist()): w.writerow([str(f), info["classes"][p], f"{c:.4f}"])
+    print(f"wrote {args.out}: {len(files):,} predictions")
     return 0

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'CACHE_DIR', 'CIFAR10_CLASSES', 'DATASETS', 'check_images', 'check_labels', 'ImageSet',
-           'load_digits_set', 'make_synthetic', 'read_image_folder', 'load_folder', 'load_cifar10', 'load_dataset',
-           'Split', 'split', 'StepSampler', 'to_unit', 'default_device']
+__all__ = ['UNLABELED', 'IMAGE_SUFFIXES', 'CACHE_DIR', 'CIFAR10_CLASSES', 'DATASETS', 'check_images', 'check_labels', 'ImageSet',
+           'load_digits_set', 'make_synthetic', 'decode_images', 'read_image_folder', 'load_folder', 'load_cifar10',
+           'load_dataset', 'Split', 'split', 'given_split', 'StepSampler', 'to_unit', 'default_device']
 
 # %% ../nbs/toolkit/data.ipynb #c005
 def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -47,9 +47,11 @@ def check_labels(labels: torch.Tensor, n_classes: int | None = None, name: str =
     return labels.long()
 
 # %% ../nbs/toolkit/data.ipynb #c006
+UNLABELED = -1                       # the label of an image that has none (a folder's unlabeled/ images)
+
 @dataclass
 class ImageSet:
-    "Images as uint8 [N, C, H, W], int64 labels and the class names."
+    "Images as uint8 [N, C, H, W], int64 labels (UNLABELED = -1 where an image has none) and the class names."
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
@@ -57,7 +59,9 @@ class ImageSet:
 
     def __post_init__(self):
         check_images(self.images)
-        self.labels = check_labels(self.labels, len(self.classes))
+        labels = torch.as_tensor(self.labels)
+        check_labels(labels[labels != UNLABELED] if labels.ndim == 1 else labels, len(self.classes))
+        self.labels = labels.long()
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels; "
                              "they must have the same length.")
@@ -74,9 +78,15 @@ class ImageSet:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source)
 
+    @property
+    def unlabeled(self) -> torch.Tensor:
+        "Positions of the images without a label (label UNLABELED)."
+        return torch.nonzero(self.labels == UNLABELED).flatten()
+
     def __repr__(self) -> str:
+        n = len(self.unlabeled)
         return (f"ImageSet({len(self)} images of shape {tuple(self.images.shape[1:])}, "
-                f"{self.n_classes} classes)")
+                f"{self.n_classes} classes" + (f", {n} without a label)" if n else ")"))
 
 # %% ../nbs/toolkit/data.ipynb #c009
 def load_digits_set(test_fraction: float = 0.25, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -113,88 +123,163 @@ def make_synthetic(n_per_class: int = 100, n_classes: int = 4, channels: int = 3
     return ImageSet(images[perm], labels[perm], [f"class{i}" for i in range(n_classes)], "synthetic")
 
 # %% ../nbs/toolkit/data.ipynb #c015
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CACHE_DIR = Path(os.environ.get("SSL_BOOK_CACHE", Path.home() / ".cache" / "ssl_book"))
+
+def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    "A folder's image files, sorted; hidden files are skipped, and any other file is an error that names it."
+    files = []
+    for f in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if any(part.startswith(".") for part in f.relative_to(folder).parts) or f.is_dir(): continue
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"{f} is not an image file ({', '.join(IMAGE_SUFFIXES)}); move it out of the data folder.")
+        files.append(f)
+    return files
 
 def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-def _decode_folder(root: Path) -> ImageSet:
-    from PIL import Image                     # decoding happens once; the arrays are cached below
-    classes = _class_folders(root)
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image files>.")
-    images, labels = [], []
-    for label, folder in enumerate(classes):
-        for f in sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+def _size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None: return None
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if h < 1 or w < 1: raise ValueError(f"image_size must be positive, got {image_size}.")
+    return int(h), int(w)
+
+def _cover_and_crop(im, size: tuple[int, int]):
+    "Resize so that the image covers `size` with its aspect ratio kept, then crop the centre (Resize + CenterCrop)."
+    from PIL import Image
+    h, w = size
+    scale = max(h / im.height, w / im.width)
+    im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return im.crop((left, top, left + w, top + h))
+
+def _decode(files: list[Path], size: tuple[int, int] | None) -> np.ndarray:
+    "uint8 [N, H, W, 3]; a file Pillow cannot read, or mixed sizes without `size`, is an error that names the files."
+    from PIL import Image
+    arrays = []
+    for f in files:
+        try:
             with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB")))
-            labels.append(label)
-    if not images:
-        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}.")
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; "
-                         "resize them to one size first.")
-    return ImageSet(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels),
-                    [c.name for c in classes], f"image folder {root}")
+                im = im.convert("RGB")
+                arrays.append(np.asarray(_cover_and_crop(im, size) if size else im))
+        except (OSError, SyntaxError, ValueError) as e:         # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot read image {f}: {e}") from None
+    if not arrays: return np.zeros((0, *(size or (1, 1)), 3), np.uint8)
+    first = arrays[0].shape
+    odd = next(((f, a.shape) for f, a in zip(files, arrays) if a.shape != first), None)
+    if odd is not None:
+        raise ValueError(f"images have different sizes: {files[0]} is {first[1]}x{first[0]}, {odd[0]} is "
+                         f"{odd[1][1]}x{odd[1][0]} (width x height); pass image_size=S to resize every image to "
+                         "S x S (cover, then centre crop).")
+    return np.stack(arrays)
 
 def _cache_path(root: Path) -> Path:
     "Under CACHE_DIR, never beside the user's data; the folder's absolute path names the file."
     path = str(root.resolve())
     return CACHE_DIR / "folders" / f"{root.name}-{hashlib.sha1(path.encode()).hexdigest()[:12]}.npz"
 
-def _folder_state(root: Path) -> str:
-    "A digest of every image file's class, name, size and modification time: any change to any image changes it."
-    h = hashlib.sha1()
-    for d in _class_folders(root):
-        for f in sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
-            st = f.stat()
-            h.update(f"{d.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+def _files_state(files: list[Path], size) -> str:
+    "A digest of every file's path, size and modification time, and of the target size: any change changes it."
+    h = hashlib.sha1(repr(size).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
-def read_image_folder(root: str | Path, cache: bool = True) -> ImageSet:
-    "Read `root/<class>/<image>` into an `ImageSet`; the decoded arrays are cached under `CACHE_DIR`, never beside the data."
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"image folder {root} does not exist.")
-    path, state = _cache_path(root), _folder_state(root)
+def decode_images(files: list[Path], root: Path, image_size=None, cache: bool = True) -> torch.Tensor:
+    "The images of `files` as uint8 [N, 3, H, W], cached under CACHE_DIR (named after `root`) while no file changes."
+    size = _size(image_size)
+    path, state = _cache_path(root), _files_state(files, size)
     if cache and path.exists():
         z = np.load(path)
-        if "state" in z and str(z["state"]) == state:         # stale after any image was added, removed or changed
-            return ImageSet(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), list(z["classes"]),
-                            str(z["source"]))
-    s = _decode_folder(root)
+        if "state" in z and str(z["state"]) == state: return torch.from_numpy(z["images"])
+    images = torch.from_numpy(_decode(files, size)).permute(0, 3, 1, 2).contiguous()
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, images=s.images.numpy(), labels=s.labels.numpy(), classes=np.array(s.classes),
-                     source=np.array(s.source), state=np.array(state))
+            np.savez(tmp, images=images.numpy(), state=np.array(state))
             os.replace(tmp, path)
         except OSError:
             pass                      # a read-only place: decode again next time
-    return s
+    return images
+
+def _class_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    "The image files under root/<class>/, their labels and the class names; an empty class folder is an error."
+    if not root.is_dir(): raise ValueError(f"image folder {root} does not exist.")
+    classes = _class_folders(root)
+    if not classes: raise ValueError(f"{root} has no class sub-folders; expected root/<class>/<image files>.")
+    files, labels = [], []
+    for label, folder in enumerate(classes):
+        found = _image_files(folder)
+        if not found: raise ValueError(f"class folder {folder} has no images; remove it or add some.")
+        files += found; labels += [label] * len(found)
+    return files, labels, [c.name for c in classes]
+
+def read_image_folder(root: str | Path, cache: bool = True, image_size=None) -> ImageSet:
+    "Read `root/<class>/<image>` into an `ImageSet`; the decoded arrays are cached under `CACHE_DIR`, never beside the data."
+    root = Path(root)
+    files, labels, classes = _class_files(root)
+    return ImageSet(decode_images(files, root, image_size, cache), torch.tensor(labels), classes, f"image folder {root}")
 
 # %% ../nbs/toolkit/data.ipynb #c016
-def load_folder(root: str | Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    "An image folder as (train, test): its train/ and test/ sub-folders, or a stratified split of it."
-    root = Path(root)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = read_image_folder(root / "train"), read_image_folder(root / "test")
-        if train.classes != test.classes:
-            raise ValueError(f"train/ and test/ under {root} have different class folders.")
-        return train, test
+def _holdout(full: ImageSet, test_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    "A stratified test share of the labeled images (each class keeps its share); unlabeled images stay in train."
     if not 0 < test_fraction < 1: raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
-    full = read_image_folder(root)
-    counts = full.labels.bincount(minlength=full.n_classes)
+    lab = torch.nonzero(full.labels != UNLABELED).flatten().numpy()
+    counts = full.labels[lab].bincount(minlength=full.n_classes)
     if counts.min() < 2:
-        raise ValueError(f"class {full.classes[int(counts.argmin())]!r} has fewer than 2 images; a train/test "
-                         "split needs at least 2 per class (or give root/train and root/test folders).")
+        raise ValueError(f"class {full.classes[int(counts.argmin())]!r} has fewer than 2 labeled images; a train/test "
+                         "split needs at least 2 per class (or give a root/test/<class>/ folder).")
     from sklearn.model_selection import train_test_split   # proportional stratification: class shares are kept
-    tr, te = train_test_split(np.arange(len(full)), test_size=test_fraction, stratify=full.labels.numpy(),
-                              random_state=seed)
-    return full.subset(np.sort(tr)), full.subset(np.sort(te))
+    tr, te = train_test_split(lab, test_size=test_fraction, stratify=full.labels[lab].numpy(), random_state=seed)
+    keep = np.sort(np.concatenate([tr, full.unlabeled.numpy()]))
+    return full.subset(keep), full.subset(np.sort(te))
+
+def _read_csv_labels(root: Path, csv_path: Path) -> tuple[list[Path], list[str | None]]:
+    "Rows `path,label` (a header row `path,label` is allowed); an empty label marks an image without one."
+    import csv
+    files, names = [], []
+    with open(csv_path, newline="") as fh:
+        for i, row in enumerate(csv.reader(fh), 1):
+            if not row or (i == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]): continue
+            if not row[0].strip(): raise ValueError(f"{csv_path}, line {i}: no path.")
+            f = root / row[0].strip()
+            if not f.is_file(): raise ValueError(f"{csv_path}, line {i}: {f} does not exist.")
+            if f.suffix.lower() not in IMAGE_SUFFIXES: raise ValueError(f"{csv_path}, line {i}: {f} is not an image file.")
+            files.append(f); names.append(row[1].strip() if len(row) > 1 and row[1].strip() else None)
+    if not files: raise ValueError(f"{csv_path} lists no images.")
+    return files, names
+
+def load_folder(root: str | Path, test_fraction: float = 0.2, seed: int = 0, image_size=None,
+                labels_csv: str = "labels.csv") -> tuple[ImageSet, ImageSet]:
+    """An image folder as (train, test), in one of three layouts: root/<class>/*; root/train/<class>/* with optional
+    root/unlabeled/** and root/test/<class>/*; or root/labels.csv (`path,label`) with the same optional folders.
+    Without a test folder, a stratified `test_fraction` of the labeled images is the test set."""
+    root = Path(root)
+    csv_path, unl_dir, test_dir = root / labels_csv, root / "unlabeled", root / "test"
+    if csv_path.is_file():
+        files, names = _read_csv_labels(root, csv_path)
+        classes = sorted({n for n in names if n is not None})
+        if not classes: raise ValueError(f"{csv_path} gives no labels; at least one image per class needs one.")
+        labels = [classes.index(n) if n is not None else UNLABELED for n in names]
+    elif (root / "train").is_dir():
+        files, labels, classes = _class_files(root / "train")
+    elif unl_dir.is_dir() or test_dir.is_dir():
+        raise ValueError(f"{root} has unlabeled/ or test/ but no train/<class>/ folders or {labels_csv}; "
+                         "put the labeled images in root/train/<class>/.")
+    else:
+        return _holdout(read_image_folder(root, image_size=image_size), test_fraction, seed)
+    if unl_dir.is_dir():
+        extra = _image_files(unl_dir, recursive=True)
+        files, labels = files + extra, labels + [UNLABELED] * len(extra)
+    train = ImageSet(decode_images(files, root, image_size), torch.tensor(labels), classes, f"image folder {root}")
+    if not test_dir.is_dir(): return _holdout(train, test_fraction, seed)
+    test = read_image_folder(test_dir, image_size=image_size)
+    if test.classes != train.classes:
+        raise ValueError(f"test/ under {root} has the classes {test.classes}, the labeled images {train.classes}.")
+    return train, test
 
 # %% ../nbs/toolkit/data.ipynb #c018
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -235,14 +320,15 @@ def load_cifar10(root: str | Path | None = None, download: bool = True) -> tuple
 # %% ../nbs/toolkit/data.ipynb #c019
 DATASETS = ("digits", "cifar10", "folder", "synthetic")
 
-def load_dataset(name: str, root: str | Path | None = None, download: bool = True) -> tuple[ImageSet, ImageSet]:
-    "Load a data set by name as a (train, test) pair of `ImageSet`s. Names: see `DATASETS`."
+def load_dataset(name: str, root: str | Path | None = None, download: bool = True,
+                 image_size: int | tuple[int, int] | None = None) -> tuple[ImageSet, ImageSet]:
+    "Load a data set by name as a (train, test) pair of `ImageSet`s. Names: see `DATASETS`; `image_size`: folders only."
     if name == "digits": return load_digits_set()
     if name == "cifar10": return load_cifar10(root, download)
     if name == "folder":
         if root is None: raise ValueError('load_dataset("folder") needs root=<path to class folders>.')
         if not Path(root).is_dir(): raise ValueError(f"data folder {root} does not exist.")
-        return load_folder(root)
+        return load_folder(root, image_size=image_size)
     if name == "synthetic":
         full = make_synthetic(n_per_class=125)
         return full.subset(range(400)), full.subset(range(400, 500))
@@ -283,6 +369,9 @@ def _proportional_subsample(idx: np.ndarray, y: np.ndarray, n: int, rng: np.rand
 
 def split(labels: torch.Tensor, n_labeled: int, n_unlabeled: int | None = None, n_val: int = 0, seed: int = 0) -> Split:
     "Stratified, seeded, disjoint labeled / unlabeled / validation indices; the unlabeled set is the rest by default."
+    if (torch.as_tensor(labels) == UNLABELED).any():
+        raise ValueError("the labels contain -1 (images without a label, e.g. a folder's unlabeled/): split only "
+                         "labeled data, or use given_split(train) to keep the data set's own labeled and unlabeled images.")
     labels = check_labels(labels).cpu()
     for name, v in (("n_labeled", n_labeled), ("n_val", n_val), ("n_unlabeled", n_unlabeled)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
@@ -325,6 +414,16 @@ def split(labels: torch.Tensor, n_labeled: int, n_unlabeled: int | None = None, 
             rest = _proportional_subsample(rest, y[rest], n_unlabeled, rng)
     t = lambda parts: torch.from_numpy(np.sort(np.concatenate(parts) if isinstance(parts, list) else parts))
     return Split(t(lab), t(rest), t(val))
+
+def given_split(data: ImageSet, n_val: int = 0, seed: int = 0) -> Split:
+    """The data set's own split: its labeled images, its images without a label (UNLABELED) as the unlabeled pool,
+    and `n_val` of the labeled ones held out for validation (stratified, seeded), for data that come that way."""
+    lab = torch.nonzero(data.labels != UNLABELED).flatten()
+    unl = data.unlabeled
+    if len(lab) == 0: raise ValueError("the data set has no labeled images; give at least one per class.")
+    if n_val == 0: return Split(lab, unl, lab[:0])
+    inner = split(data.labels[lab], len(lab) - n_val, 0, n_val, seed)      # "all labels" but the validation share
+    return Split(lab[inner.labeled], unl, lab[inner.val])
 
 # %% ../nbs/toolkit/data.ipynb #c025
 class StepSampler:

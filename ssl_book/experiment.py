@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from .data import ImageSet, Split, default_device, load_dataset, split
+from .data import ImageSet, Split, default_device, given_split, load_dataset, split
 from .models import Classifier, build_model, channel_stats
 from .presets import Preset, get_preset
 from .recipes import RECIPES, fit_recipe
@@ -102,6 +102,11 @@ def run_experiment(preset: Preset | str | None = None, methods: Sequence[str] = 
     train, test = load_dataset(data or preset.data) if not isinstance(data, tuple) else data
     labels = [preset.n_labeled] if labels is None else list(labels)
     results = []
+    if len(train.unlabeled):                   # the data come with their own labeled and unlabeled images
+        for seed in seeds:
+            s = given_split(train, preset.n_val, seed)
+            results += [run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir) for name in methods]
+        return results
     for n_labeled in labels:
         n_lab = len(train) if n_labeled is None or n_labeled >= len(train) else int(n_labeled)
         rest = len(train) - n_lab - preset.n_val

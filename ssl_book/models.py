@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['MODELS', 'Normalize', 'Classifier', 'channel_stats', 'conv_bn', 'small_cnn', 'wide_resnet', 'resnet18_cifar',
-           'build_model', 'count_parameters']
+__all__ = ['MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'Normalize', 'Classifier', 'channel_stats', 'conv_bn', 'small_cnn',
+           'wide_resnet', 'resnet18_cifar', 'build_model', 'count_parameters', 'wrap', 'save_model', 'load_model']
 
 # %% ../nbs/toolkit/models.ipynb #c004
 class Normalize(nn.Module):
@@ -122,8 +122,59 @@ def build_model(name: str, in_channels: int = 3, n_classes: int = 10, **kwargs) 
     "A model by name (see `MODELS`); kwargs go to its builder (e.g. width, dropout, mean, std)."
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-    return MODELS[name](in_channels=in_channels, n_classes=n_classes, **kwargs)
+    model = MODELS[name](in_channels=in_channels, n_classes=n_classes, **kwargs)
+    plain = {k: v for k, v in kwargs.items() if k not in ("mean", "std")}   # mean and std live in the weights
+    model.arch = {"name": name, "in_channels": in_channels, "n_classes": n_classes, "kwargs": plain}  # for save_model
+    return model
 
 def count_parameters(model: nn.Module) -> int:
     "The number of trainable parameters."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+# %% ../nbs/toolkit/models.ipynb #c015
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def wrap(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> nn.Sequential:
+    "Any classifier of normalised images, made to take the book's images in [0, 1]: `Normalize(mean, std)` in front."
+    if not isinstance(model, nn.Module): raise ValueError(f"wrap needs an nn.Module, got {type(model).__name__}.")
+    out = nn.Sequential(Normalize(len(mean), mean, std), model)
+    if hasattr(model, "arch"): out.arch = {"wrap": True, **model.arch}
+    return out
+
+def _normalisation(model: nn.Module) -> dict | None:
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    return None if norm is None else {"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
+
+def save_model(path, model: nn.Module, classes: list[str], image_size: tuple[int, int] | int, arch: str | None = None) -> None:
+    """Write the weights, class names, image size, normalisation and architecture of a trained classifier.
+    `arch`: how to rebuild a model that is not the book's, as "torchvision:<name>" (e.g. "torchvision:resnet18")."""
+    from pathlib import Path
+    size = [image_size, image_size] if isinstance(image_size, int) else [int(v) for v in image_size]
+    spec = getattr(model, "arch", None)
+    if arch is not None:
+        if not arch.startswith("torchvision:"): raise ValueError(f'arch must look like "torchvision:resnet18", got {arch!r}.')
+        spec = {"torchvision": arch.split(":", 1)[1], "wrap": isinstance(model, nn.Sequential) and isinstance(model[0], Normalize)}
+    payload = {"format": "ssl_book.model/1", "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "classes": list(classes), "image_size": size, "normalize": _normalisation(model), "arch": spec}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+
+def load_model(path, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """A model saved by `save_model`, in eval mode, and its information (classes, image_size, normalize, arch).
+    Pass `model` (an untrained network of the same architecture) when the file does not say how to rebuild it."""
+    info = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(info, dict) or info.get("format") != "ssl_book.model/1":
+        raise ValueError(f"{path} is not a model file written by ssl_book.models.save_model.")
+    spec = info["arch"]
+    if model is None:
+        if spec is None: raise ValueError(f"{path} does not say how to rebuild its network; pass model=<the network>.")
+        if "torchvision" in spec:
+            import torchvision
+            model = getattr(torchvision.models, spec["torchvision"])(num_classes=len(info["classes"]))
+            if spec.get("wrap"): model = wrap(model, info["normalize"]["mean"], info["normalize"]["std"])
+        else:
+            kw = dict(spec["kwargs"])
+            model = build_model(spec["name"], spec["in_channels"], spec["n_classes"], **kw)
+            if spec.get("wrap"): model = wrap(model, info["normalize"]["mean"], info["normalize"]["std"])
+    model.load_state_dict(info["state_dict"])
+    return model.eval(), {k: v for k, v in info.items() if k != "state_dict"}

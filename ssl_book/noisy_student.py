@@ -243,9 +243,10 @@ class NoisyStudent(Student):
         self._targets = torch.zeros(len(train), logits.shape[1]); self._targets[split.unlabeled] = targets
         self._weights = torch.zeros(len(train)); self._weights[split.unlabeled] = w
         self._targets, self._weights = self._targets.to(device), self._weights.to(device)
-        right = pred == train.labels[split.unlabeled]                    # hidden labels: measured, never trained on
-        self.pool_stats = {"pl_acc": right.float().mean().item(), "kept": keep.float().mean().item(),
-                           "pl_acc_kept": right[keep].float().mean().item() if keep.any() else float("nan"),
+        truth = train.labels[split.unlabeled]                            # hidden labels: measured, never trained on
+        right = (pred == truth).float() if (truth >= 0).all() else torch.full((len(truth),), float("nan"))
+        self.pool_stats = {"pl_acc": right.mean().item(), "kept": keep.float().mean().item(),
+                           "pl_acc_kept": right[keep].mean().item() if keep.any() else float("nan"),
                            "weighted_pl_acc": (w * right).sum().item() / max(w.sum().item(), 1e-12)}
 
     def training_step(self, batch: Batch):

@@ -103,6 +103,7 @@ class SelfTraining(Method):
     def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
         "Keep the unlabeled pool (and its hidden labels, for the per-round statistics only); start with no rounds."
         self.pool_images, self.pool_true = train.images[split.unlabeled], train.labels[split.unlabeled]
+        if (self.pool_true < 0).any(): self.pool_true = None        # images without a label: nothing to measure
         self.idx = self.labels = None
         self.rounds = []
 
@@ -111,8 +112,9 @@ class SelfTraining(Method):
         with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
             probs = predict(self.model, self.pool_images).softmax(1)
         idx, labels = select_pseudo_labels(probs, self.tau, self.per_class)
-        wrong_all = probs.argmax(1) != self.pool_true
-        right = labels == self.pool_true[idx]
+        known = self.pool_true is not None
+        wrong_all = probs.argmax(1) != self.pool_true if known else torch.zeros(len(probs), dtype=torch.bool)
+        right = labels == self.pool_true[idx] if known else torch.full((len(idx),), float("nan"))
         stats = {"round": len(self.rounds) + 1, "step": step, "selected": len(idx) / len(probs),
                  "pl_acc": right.float().mean().item() if len(idx) else float("nan"),
                  "class_counts": torch.bincount(labels, minlength=probs.shape[1]).tolist(),

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import Augmenter
-from .data import ImageSet, Split, StepSampler, default_device
+from .data import UNLABELED, ImageSet, Split, StepSampler, default_device
 from .evaluate import accuracy
 
 # %% auto #0
@@ -275,6 +275,8 @@ def _check_fit_inputs(method: Method, train: ImageSet, split: Split, cfg: FitCon
         idx = getattr(split, name)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(train)):
             raise ValueError(f"split.{name} has indices outside 0..{len(train) - 1}; was it made for another data set?")
+    if method.uses_labels and (train.labels[split.labeled] == UNLABELED).any():
+        raise ValueError("split.labeled holds images without a label (-1); make the split with given_split(train).")
     if method.uses_unlabeled and (cfg.mu < 1 or len(split.unlabeled) == 0):
         raise ValueError(f"{method.name} needs unlabeled data: set mu >= 1 and give the split unlabeled indices.")
     method.check_inputs(train, split, cfg)
@@ -314,6 +316,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     images, labels = train.images.to(device), train.labels.to(device)
     # a label-free stage draws its images from the labeled and the unlabeled part alike
     pool = split.labeled if method.uses_labels else torch.cat([split.labeled, split.unlabeled]).sort().values
+    pool_known = bool((train.labels[split.unlabeled] != UNLABELED).all())   # hidden labels to log with, if any
     lab = StepSampler(pool, cfg.batch_size, cfg.seed)
     unl = StepSampler(split.unlabeled, cfg.mu * cfg.batch_size, cfg.seed + 1) if method.uses_unlabeled else None
     opt = make_optimizer(method.param_groups(), cfg)
@@ -346,7 +349,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
         il = lab.batch(step).to(device)
         iu = unl.batch(step).to(device) if unl is not None else None
         hide = lambda i: labels[i] if i is not None and method.uses_labels else None   # no labels for label-free
-        batch = Batch(images[il], hide(il), images[iu] if iu is not None else None, hide(iu),
+        batch = Batch(images[il], hide(il), images[iu] if iu is not None else None, hide(iu) if pool_known else None,
                       Augmenter(step_seed(cfg.seed + 1, step), cfg.flip, cfg.pad_frac), step, il, iu)
         lr = cfg.lr * lr_factor(step, cfg)
         for group in opt.param_groups: group["lr"] = lr * group.get("lr_scale", 1.0)
