@@ -107,8 +107,10 @@ def _train(args) -> int:
     from ssl_book.experiment import available_methods, make_model
     from ssl_book.models import save_model
     from ssl_book.presets import get_preset
-    from ssl_book.train import METHODS, fit
+    from ssl_book.train import METHODS, distributed, fit
     if args.data == "folder" and not args.root: raise ValueError("--data folder needs --root DIR.")
+    rank, world = distributed()                       # under torchrun: process 0 prints and saves
+    say = print if rank == 0 else (lambda *a, **k: None)
     preset = get_preset(args.preset or "cpu")
     if args.model: preset = replace(preset, model=args.model, model_kwargs={})
     cfg = replace(preset.fit, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
@@ -116,14 +118,16 @@ def _train(args) -> int:
     if args.method not in available_methods() or args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}.")
     s = given_split(train)                   # the data's own labeled and unlabeled images
-    print(f"{train.source}: {len(s.labeled):,} labeled, {len(s.unlabeled):,} unlabeled, {len(test):,} test images "
-          f"of {tuple(train.images.shape[1:])}, {train.n_classes} classes; {args.method}, {cfg.steps:,} steps", flush=True)
+    say(f"{train.source}: {len(s.labeled):,} labeled, {len(s.unlabeled):,} unlabeled, {len(test):,} test images "
+          f"of {tuple(train.images.shape[1:])}, {train.n_classes} classes; {args.method}, {cfg.steps:,} steps"
+        + (f", {world} processes" if world > 1 else ""), flush=True)
     method = METHODS[args.method](make_model(preset, train, args.seed), preset)
     fit(method, train, s, cfg, test, checkpoint=args.checkpoint, progress=True)
     model = method.ema_model if method.ema_model is not None else method.eval_model()
-    print(f"test accuracy: {100 * accuracy(model, test):.2f}% ({len(test):,} images)")
-    save_model(args.out, model, train.classes, tuple(train.images.shape[-2:]))
-    print(f"saved {args.out}")
+    if rank == 0:
+        print(f"test accuracy: {100 * accuracy(model, test):.2f}% ({len(test):,} images)")
+        save_model(args.out, model, train.classes, tuple(train.images.shape[-2:]))
+        print(f"saved {args.out}")
     return 0
 
 def _predict(args) -> int:

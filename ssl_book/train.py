@@ -22,7 +22,8 @@ from .evaluate import accuracy
 # %% auto #0
 __all__ = ['METHODS', 'PRECISIONS', 'Batch', 'Method', 'register_in', 'register_method', 'Supervised', 'FitConfig',
            'cpu_has_bf16', 'resolve_precision', 'make_optimizer', 'lr_factor', 'ema_update', 'ema_decay_at', 'History',
-           'save_checkpoint', 'load_checkpoint', 'step_seed', 'NonFiniteLossError', 'run_identity', 'fit']
+           'save_checkpoint', 'load_checkpoint', 'step_seed', 'NonFiniteLossError', 'run_identity', 'distributed',
+           'fit']
 
 # %% ../nbs/toolkit/train.ipynb #c005
 @dataclass
@@ -302,13 +303,58 @@ def _evaluate(method: Method, ema: nn.Module | None, test: ImageSet | None, devi
         else: row["test_acc"], row["test_acc_raw"] = acc(avg), acc(method.model)
     return {**row, **method.metrics(test, device)}
 
+# %% ../nbs/toolkit/train.ipynb #c023e
+def distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group that `torchrun` describes in the environment (gloo on the CPU,
+    NCCL on GPUs) on first use; (0, 1) in a single process."""
+    import os
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available(): return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+def _shard(idx: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:
+    "This process's part of a global batch of indices."
+    return idx if idx is None or world == 1 else idx[rank::world]
+
+def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    "Average the gradients over the processes in one all_reduce of a flat buffer (what DDP does in buckets)."
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads: return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g)); offset += g.numel()
+
+def _same_start(module: nn.Module) -> None:
+    "Every process starts from process 0's weights and buffers."
+    import torch.distributed as dist
+    for t in list(module.parameters()) + list(module.buffers()): dist.broadcast(t.data, 0)
+
+def _mean_over_processes(values: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    "Logged means averaged over the processes (each process logs its shard's)."
+    import torch.distributed as dist
+    flat = torch.stack([v.float().reshape(()) for v in values.values()])
+    dist.all_reduce(flat)
+    return dict(zip(values, flat / world))
+
 # %% ../nbs/toolkit/train.ipynb #c025
 def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None = None,
         device: torch.device | str | None = None, checkpoint: str | Path | None = None,
         progress: bool = True) -> History:
     "Train `method` on `train` restricted to `split`; evaluate (and checkpoint) every cfg.eval_every steps."
+    rank, world = distributed()                                                  # (0, 1) unless under torchrun
+    if device is None and world > 1 and torch.cuda.is_available(): device = f"cuda:{torch.cuda.current_device()}"
     device = torch.device(device) if device is not None else default_device()
     _check_fit_inputs(method, train, split, cfg, test)
+    if world > 1 and cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes.")
     amp = resolve_precision(cfg.precision, device) == "bf16"
     model = method.model.to(device)
     if amp or device.type == "cuda": model.to(memory_format=torch.channels_last)
@@ -319,7 +365,9 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     pool_known = bool((train.labels[split.unlabeled] != UNLABELED).all())   # hidden labels to log with, if any
     lab = StepSampler(pool, cfg.batch_size, cfg.seed)
     unl = StepSampler(split.unlabeled, cfg.mu * cfg.batch_size, cfg.seed + 1) if method.uses_unlabeled else None
+    if world > 1: _same_start(model)
     opt = make_optimizer(method.param_groups(), cfg)
+    trained = [p for g in opt.param_groups for p in g["params"]]
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay and not method.owns_ema else None
     history, start, elapsed = History(), 0, 0.0
     run = run_identity(method, train, split, cfg, device)
@@ -341,16 +389,17 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
                                      "history": history.rows, "elapsed": elapsed})
 
     from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank > 0,
                desc=method.name, mininterval=5, ncols=100)
     sums, count, t0 = {}, 0, time.perf_counter()
     for step in bar:
-        torch.manual_seed(step_seed(cfg.seed, step))                              # dropout and friends
-        il = lab.batch(step).to(device)
-        iu = unl.batch(step).to(device) if unl is not None else None
+        torch.manual_seed(step_seed(cfg.seed + 7919 * rank, step))               # dropout and friends
+        il = _shard(lab.batch(step), rank, world).to(device)                      # one process: the whole batch
+        iu = unl.batch(step) if unl is not None else None
+        iu = _shard(iu, rank, world).to(device) if iu is not None else None
         hide = lambda i: labels[i] if i is not None and method.uses_labels else None   # no labels for label-free
         batch = Batch(images[il], hide(il), images[iu] if iu is not None else None, hide(iu) if pool_known else None,
-                      Augmenter(step_seed(cfg.seed + 1, step), cfg.flip, cfg.pad_frac), step, il, iu)
+                      Augmenter(step_seed(cfg.seed + 1 + 7919 * rank, step), cfg.flip, cfg.pad_frac), step, il, iu)
         lr = cfg.lr * lr_factor(step, cfg)
         for group in opt.param_groups: group["lr"] = lr * group.get("lr_scale", 1.0)
         method.train_mode()
@@ -361,6 +410,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
                                      "Lower the learning rate, add warm-up, or check the data for NaNs.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1: _average_gradients(trained, world)
         opt.step()
         method.after_step(step)
         if ema is not None: ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
@@ -370,12 +420,14 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
 
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             elapsed += time.perf_counter() - t0
-            row = {"step": step + 1, "lr": lr, "time_s": round(elapsed, 2),
-                   **{k: (v / count).item() for k, v in sums.items()}, **_evaluate(method, ema, test, device, amp)}
+            means = {k: v / count for k, v in sorted(sums.items())}
+            if world > 1: means = _mean_over_processes(means, world)
+            row = {"step": step + 1, "lr": lr, "time_s": round(elapsed, 2), **{k: v.item() for k, v in means.items()},
+                   **(_evaluate(method, ema, test, device, amp) if rank == 0 else {})}
             history.append(row)
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "test_acc") if k in row})
             sums, count = {}, 0
-            if checkpoint is not None: save(step + 1)
+            if checkpoint is not None and rank == 0: save(step + 1)
             t0 = time.perf_counter()
     bar.close()
     if ema is not None: method.ema_model = ema
