@@ -15,12 +15,13 @@ import torch
 
 # %% auto #0
 __all__ = ['UNLABELED', 'IMAGE_SUFFIXES', 'CACHE_DIR', 'CIFAR10_CLASSES', 'DATASETS', 'check_images', 'check_labels', 'ImageSet',
-           'load_digits_set', 'make_synthetic', 'decode_images', 'read_image_folder', 'load_folder', 'load_cifar10',
-           'load_dataset', 'Split', 'split', 'given_split', 'StepSampler', 'to_unit', 'default_device']
+           'load_digits_set', 'make_synthetic', 'decode_images', 'read_image_folder', 'LazyImages', 'load_folder',
+           'load_cifar10', 'load_dataset', 'Split', 'split', 'given_split', 'StepSampler', 'to_unit', 'default_device']
 
 # %% ../nbs/toolkit/data.ipynb #c005
 def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
-    "Raise a `ValueError` unless `images` is a uint8 tensor of shape [N, C, H, W]."
+    "Raise a `ValueError` unless `images` is a uint8 tensor of shape [N, C, H, W] (or `LazyImages`, decoded on demand)."
+    if type(images).__name__ == "LazyImages": return images
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(images).__name__}; "
                          "convert with torch.as_tensor(array).")
@@ -223,6 +224,65 @@ def read_image_folder(root: str | Path, cache: bool = True, image_size=None) -> 
     files, labels, classes = _class_files(root)
     return ImageSet(decode_images(files, root, image_size, cache), torch.tensor(labels), classes, f"image folder {root}")
 
+# %% ../nbs/toolkit/data.ipynb #c015t
+class LazyImages:
+    "File-backed uint8 images [N, 3, H, W], decoded on demand; indexing gives a view, `load()` the tensor."
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, files: list[Path], size: tuple[int, int], workers: int = 2, device: str | torch.device = "cpu"):
+        self.files, self.size, self.workers, self.device = list(files), tuple(size), workers, torch.device(device)
+
+    @property
+    def shape(self) -> torch.Size: return torch.Size((len(self.files), 3, *self.size))
+    def __len__(self) -> int: return len(self.files)
+
+    def __getitem__(self, idx) -> "LazyImages":
+        "A view of some of the images (an int, a slice, a list or an index tensor); nothing is decoded."
+        if isinstance(idx, torch.Tensor): idx = idx.cpu().tolist()
+        if isinstance(idx, np.ndarray): idx = idx.tolist()
+        files = self.files[idx] if isinstance(idx, slice) else [self.files[i] for i in ([idx] if isinstance(idx, int) else idx)]
+        return LazyImages(files, self.size, self.workers, self.device)
+
+    def to(self, device, *args, **kwargs) -> "LazyImages":
+        "The same view, to be decoded onto `device`."
+        return LazyImages(self.files, self.size, self.workers, device)
+
+    def load(self) -> torch.Tensor:
+        "Decode the view: uint8 [n, 3, H, W] on its device."
+        x = torch.from_numpy(_decode(self.files, self.size)).permute(0, 3, 1, 2).contiguous() if self.files \
+            else torch.zeros((0, 3, *self.size), dtype=torch.uint8)
+        return x.to(self.device)
+
+    def __repr__(self) -> str: return f"LazyImages({len(self)} files, {self.size[0]}x{self.size[1]})"
+
+def _common_size(files: list[Path]) -> tuple[int, int]:
+    "The (H, W) all files share, read from their headers; mixed sizes are an error that names two files."
+    from PIL import Image
+    sizes = []
+    for f in files:
+        try:
+            with Image.open(f) as im: sizes.append((im.height, im.width))
+        except (OSError, SyntaxError, ValueError) as e: raise ValueError(f"cannot read image {f}: {e}") from None
+    odd = next((i for i, s in enumerate(sizes) if s != sizes[0]), None)
+    if odd is not None:
+        raise ValueError(f"images have different sizes: {files[0]} is {sizes[0][1]}x{sizes[0][0]}, {files[odd]} is "
+                         f"{sizes[odd][1]}x{sizes[odd][0]} (width x height); pass image_size=S to resize every image "
+                         "to S x S (cover, then centre crop).")
+    return sizes[0]
+
+def _images(files: list[Path], root: Path, image_size, stream: bool | None, memory_gb: float):
+    "In memory (decoded once, cached), or `LazyImages` when asked to stream or when they would not fit in memory_gb."
+    if stream is None:
+        from PIL import Image
+        size = _size(image_size)
+        if size is None and files:
+            with Image.open(files[0]) as im: size = (im.height, im.width)
+        stream = len(files) * 3 * (size or (1, 1))[0] * (size or (1, 1))[1] > memory_gb * 2**30
+    if not stream: return decode_images(files, root, image_size)
+    size = _size(image_size) or (_common_size(files) if files else (1, 1))
+    return LazyImages(files, size)
+
 # %% ../nbs/toolkit/data.ipynb #c016
 def _holdout(full: ImageSet, test_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     "A stratified test share of the labeled images (each class keeps its share); unlabeled images stay in train."
@@ -253,10 +313,11 @@ def _read_csv_labels(root: Path, csv_path: Path) -> tuple[list[Path], list[str |
     return files, names
 
 def load_folder(root: str | Path, test_fraction: float = 0.2, seed: int = 0, image_size=None,
-                labels_csv: str = "labels.csv") -> tuple[ImageSet, ImageSet]:
+                labels_csv: str = "labels.csv", stream: bool | None = None, memory_gb: float = 4.0) -> tuple[ImageSet, ImageSet]:
     """An image folder as (train, test), in one of three layouts: root/<class>/*; root/train/<class>/* with optional
     root/unlabeled/** and root/test/<class>/*; or root/labels.csv (`path,label`) with the same optional folders.
-    Without a test folder, a stratified `test_fraction` of the labeled images is the test set."""
+    Without a test folder, a stratified `test_fraction` of the labeled images is the test set. `stream`: decode on
+    demand (`LazyImages`) instead of in memory; by default, when the decoded images would exceed `memory_gb`."""
     root = Path(root)
     csv_path, unl_dir, test_dir = root / labels_csv, root / "unlabeled", root / "test"
     if csv_path.is_file():
@@ -270,13 +331,16 @@ def load_folder(root: str | Path, test_fraction: float = 0.2, seed: int = 0, ima
         raise ValueError(f"{root} has unlabeled/ or test/ but no train/<class>/ folders or {labels_csv}; "
                          "put the labeled images in root/train/<class>/.")
     else:
-        return _holdout(read_image_folder(root, image_size=image_size), test_fraction, seed)
+        files, labels, classes = _class_files(root)
+        full = ImageSet(_images(files, root, image_size, stream, memory_gb), torch.tensor(labels), classes, f"image folder {root}")
+        return _holdout(full, test_fraction, seed)
     if unl_dir.is_dir():
         extra = _image_files(unl_dir, recursive=True)
         files, labels = files + extra, labels + [UNLABELED] * len(extra)
-    train = ImageSet(decode_images(files, root, image_size), torch.tensor(labels), classes, f"image folder {root}")
+    train = ImageSet(_images(files, root, image_size, stream, memory_gb), torch.tensor(labels), classes, f"image folder {root}")
     if not test_dir.is_dir(): return _holdout(train, test_fraction, seed)
-    test = read_image_folder(test_dir, image_size=image_size)
+    tfiles, tlabels, tclasses = _class_files(test_dir)
+    test = ImageSet(_images(tfiles, test_dir, image_size, stream, memory_gb), torch.tensor(tlabels), tclasses, f"image folder {test_dir}")
     if test.classes != train.classes:
         raise ValueError(f"test/ under {root} has the classes {test.classes}, the labeled images {train.classes}.")
     return train, test
@@ -321,14 +385,14 @@ def load_cifar10(root: str | Path | None = None, download: bool = True) -> tuple
 DATASETS = ("digits", "cifar10", "folder", "synthetic")
 
 def load_dataset(name: str, root: str | Path | None = None, download: bool = True,
-                 image_size: int | tuple[int, int] | None = None) -> tuple[ImageSet, ImageSet]:
-    "Load a data set by name as a (train, test) pair of `ImageSet`s. Names: see `DATASETS`; `image_size`: folders only."
+                 image_size: int | tuple[int, int] | None = None, stream: bool | None = None) -> tuple[ImageSet, ImageSet]:
+    "Load a data set by name as a (train, test) pair of `ImageSet`s. Names: see `DATASETS`; `image_size`, `stream`: folders."
     if name == "digits": return load_digits_set()
     if name == "cifar10": return load_cifar10(root, download)
     if name == "folder":
         if root is None: raise ValueError('load_dataset("folder") needs root=<path to class folders>.')
         if not Path(root).is_dir(): raise ValueError(f"data folder {root} does not exist.")
-        return load_folder(root, image_size=image_size)
+        return load_folder(root, image_size=image_size, stream=stream)
     if name == "synthetic":
         full = make_synthetic(n_per_class=125)
         return full.subset(range(400)), full.subset(range(400, 500))
@@ -453,7 +517,8 @@ class StepSampler:
 
 # %% ../nbs/toolkit/data.ipynb #c028
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    "uint8 images to float32 in [0, 1] (a new tensor)."
+    "uint8 images to float32 in [0, 1] (a new tensor); `LazyImages` are decoded first."
+    if isinstance(images, LazyImages): images = images.load()
     if images.dtype != torch.uint8:
         raise ValueError(f"to_unit takes uint8 images, got {images.dtype}.")
     return images.float().div_(255)              # .float() copies a uint8 tensor, so the input is untouched

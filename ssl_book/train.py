@@ -344,6 +344,24 @@ def _mean_over_processes(values: dict[str, torch.Tensor], world: int) -> dict[st
     dist.all_reduce(flat)
     return dict(zip(values, flat / world))
 
+class _StepImages(torch.utils.data.Dataset):
+    "Step t's labeled and unlabeled images of file-backed data, decoded in a DataLoader worker: t -> (x, u)."
+    def __init__(self, images, lab: StepSampler, unl: StepSampler | None, rank: int, world: int, start: int, steps: int):
+        self.images, self.lab, self.unl, self.rank, self.world, self.start, self.steps = images, lab, unl, rank, world, start, steps
+    def __len__(self) -> int: return self.steps - self.start
+    def __getitem__(self, k: int):
+        t = self.start + k                             # the same indices as fit draws: a function of (seed, t)
+        x = self.images[_shard(self.lab.batch(t), self.rank, self.world)].load()
+        u = self.images[_shard(self.unl.batch(t), self.rank, self.world)].load() if self.unl is not None else x[:0]
+        return x, u
+
+def _prefetch(images, lab, unl, rank: int, world: int, start: int, steps: int):
+    "An iterator over the steps' decoded batches, a few steps ahead, in `images.workers` processes."
+    from torch.utils.data import DataLoader
+    w = getattr(images, "workers", 0)
+    return iter(DataLoader(_StepImages(images, lab, unl, rank, world, start, steps), batch_size=None, num_workers=w,
+                           prefetch_factor=4 if w else None))
+
 # %% ../nbs/toolkit/train.ipynb #c025
 def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: ImageSet | None = None,
         device: torch.device | str | None = None, checkpoint: str | Path | None = None,
@@ -359,7 +377,8 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     model = method.model.to(device)
     if amp or device.type == "cuda": model.to(memory_format=torch.channels_last)
     method.setup(train, split, device)
-    images, labels = train.images.to(device), train.labels.to(device)
+    lazy = not isinstance(train.images, torch.Tensor)                          # file-backed: decoded per step
+    images, labels = (train.images if lazy else train.images.to(device)), train.labels.to(device)
     # a label-free stage draws its images from the labeled and the unlabeled part alike
     pool = split.labeled if method.uses_labels else torch.cat([split.labeled, split.unlabeled]).sort().values
     pool_known = bool((train.labels[split.unlabeled] != UNLABELED).all())   # hidden labels to log with, if any
@@ -392,13 +411,18 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank > 0,
                desc=method.name, mininterval=5, ncols=100)
     sums, count, t0 = {}, 0, time.perf_counter()
+    feed = _prefetch(train.images, lab, unl, rank, world, start, cfg.steps) if lazy else None
     for step in bar:
         torch.manual_seed(step_seed(cfg.seed + 7919 * rank, step))               # dropout and friends
         il = _shard(lab.batch(step), rank, world).to(device)                      # one process: the whole batch
         iu = unl.batch(step) if unl is not None else None
         iu = _shard(iu, rank, world).to(device) if iu is not None else None
         hide = lambda i: labels[i] if i is not None and method.uses_labels else None   # no labels for label-free
-        batch = Batch(images[il], hide(il), images[iu] if iu is not None else None, hide(iu) if pool_known else None,
+        if feed is None: x, u = images[il], (images[iu] if iu is not None else None)
+        else:
+            x, u = next(feed)
+            x, u = x.to(device), (u.to(device) if iu is not None else None)
+        batch = Batch(x, hide(il), u, hide(iu) if pool_known else None,
                       Augmenter(step_seed(cfg.seed + 1 + 7919 * rank, step), cfg.flip, cfg.pad_frac), step, il, iu)
         lr = cfg.lr * lr_factor(step, cfg)
         for group in opt.param_groups: group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -163,3 +163,27 @@ def test_cli_train_and_predict(tmp_path):
 def test_python_dash_m_runs_the_command_line():
     r = subprocess.run([sys.executable, "-m", "ssl_book", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "predict" in r.stdout
+
+def test_streaming_decodes_on_demand_and_trains_like_memory(tmp_path):
+    from ssl_book.consistency import FixMatch
+    from ssl_book.data import LazyImages
+    root = _folder(tmp_path / "d", n=10, n_unl=20)
+    mem, mem_test = load_dataset("folder", root=root)
+    lazy, lazy_test = load_dataset("folder", root=root, stream=True)
+    assert isinstance(lazy.images, LazyImages) and lazy.images.shape == mem.images.shape and len(lazy) == len(mem)
+    view = lazy.images[torch.tensor([0, 5, 25])]
+    assert isinstance(view, LazyImages) and torch.equal(view.load(), mem.images[[0, 5, 25]])
+    assert torch.equal(lazy.subset([1, 2]).images.load(), mem.images[1:3]) and torch.equal(lazy.labels, mem.labels)
+    cfg = FitConfig(steps=6, batch_size=4, mu=2, eval_every=3, ema_decay=0.9, precision="fp32")
+    hs = []
+    for data, test in ((mem, mem_test), (lazy, lazy_test)):
+        torch.manual_seed(0)
+        hs.append(fit(FixMatch(build_model("cnn", 3, 2, width=8)), data, given_split(data), cfg, test, progress=False))
+    assert np.allclose(hs[0]["loss"], hs[1]["loss"], atol=1e-6) and hs[0]["test_acc"] == hs[1]["test_acc"]
+
+def test_streaming_is_chosen_by_size_and_checks_sizes_from_headers(tmp_path):
+    from ssl_book.data import LazyImages, load_folder
+    root = _folder(tmp_path / "d", sizes=((12, 12), (20, 10)))
+    assert isinstance(load_folder(root, memory_gb=1e-9, image_size=8)[0].images, LazyImages)     # too big: stream
+    assert isinstance(load_folder(root, image_size=8)[0].images, torch.Tensor)                   # fits: in memory
+    with pytest.raises(ValueError, match=r"different sizes: .*is 20x10"): load_folder(root, stream=True)
