@@ -21,7 +21,8 @@ from .results import format_table, sort_rows, summarize   # chapters import summ
 from .train import METHODS, fit, resolve_precision
 
 # %% auto #0
-__all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_one', 'run_experiment', 'plot_summary', 'save_results']
+__all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_checkpoint', 'run_one', 'run_experiment', 'plot_summary',
+           'save_results']
 
 # %% ../nbs/toolkit/experiment.ipynb #c004
 CHAPTER_MODULES = ("introduction", "assumptions", "consistency", "pseudo_labels", "mixmatch",
@@ -43,6 +44,12 @@ def make_model(preset: Preset, train: ImageSet, seed: int = 0) -> Classifier:
     return build_model(preset.model, in_channels=train.images.shape[1], n_classes=train.n_classes,
                        mean=mean, std=std, **preset.model_kwargs)
 
+def run_checkpoint(checkpoint_dir: str | Path, record: dict) -> Path:
+    """Where `run_one` keeps a run's checkpoints, from its record: a folder of stage checkpoints for a recipe, a .pt
+    file for a method. A chapter uses it to get a stored run's trained model back (instantly on the machine that ran it)."""
+    base = Path(checkpoint_dir) / record["preset"] / f"{record['method']}-{record['labels']}-s{record['seed']}-{record['run_id']}"
+    return base if record["method"] in RECIPES else base.with_suffix(".pt")
+
 def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split, seed: int,
             device: torch.device | str | None = None, progress: bool = False, store: str | Path | None = None,
             checkpoint_dir: str | Path | None = None) -> dict:
@@ -62,14 +69,14 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
     rid = run_id(identity)
     if store is not None and (old := find_record(store, preset.name, rid)) is not None:
         return old                                              # this exact run is already in the store
-    ck = Path(checkpoint_dir) / preset.name / f"{name}-{len(s.labeled)}-s{seed}-{rid}" if checkpoint_dir else None
+    ck = run_checkpoint(checkpoint_dir, {"preset": preset.name, "method": name, "labels": len(s.labeled), "seed": seed,
+                                         "run_id": rid}) if checkpoint_dir else None
     load_before, t0 = machine()["load"], time.time()
     if recipe is not None:
         res = fit_recipe(recipe, new_model, train, s, cfg, test, device, ck, progress, preset)
         histories, settings = res.histories, res.settings()
     else:
-        histories = [fit(method, train, s, cfg, test, device=device, checkpoint=ck and ck.with_suffix(".pt"),
-                         progress=progress)]
+        histories = [fit(method, train, s, cfg, test, device=device, checkpoint=ck, progress=progress)]
     final = histories[-1].final
     if "test_acc" not in final:
         raise ValueError(f"{name} ends without a test accuracy (a label-free stage last, or no test set); "
