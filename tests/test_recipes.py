@@ -239,3 +239,16 @@ def test_teacher_student_beats_supervised_on_digits(digits):
     acc = {(r["method"], r["seed"]): 100 * r["test_acc"] for r in recs}
     for seed in (0, 1, 2):
         assert acc["teacher_student", seed] >= acc["supervised", seed] + 1.5, (seed, acc)     # 7 of 450 test images
+
+def test_run_checkpoint_finds_a_stored_runs_checkpoints(digits, tmp_path):
+    "A chapter gets a stored run's model back from its record: a .pt file for a method, a folder for a recipe."
+    from dataclasses import replace
+    from ssl_book.experiment import run_checkpoint
+    from ssl_book.presets import get_preset
+    preset = get_preset("tiny")
+    preset = replace(preset, fit=replace(preset.fit, steps=6, eval_every=3))
+    recs = run_experiment(preset, ["supervised", "teacher_student"], seeds=[0], data=digits, device="cpu",
+                          store=tmp_path / "store", checkpoint_dir=tmp_path / "ck")
+    sup, ts = recs
+    assert run_checkpoint(tmp_path / "ck", sup).is_file() and run_checkpoint(tmp_path / "ck", sup).suffix == ".pt"
+    assert run_checkpoint(tmp_path / "ck", ts).is_dir() and len(list(run_checkpoint(tmp_path / "ck", ts).glob("*.pt"))) == 3
