@@ -167,13 +167,14 @@ def _decode(files: list[Path], size: tuple[int, int] | None) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as e:         # PIL's UnidentifiedImageError is an OSError
             raise ValueError(f"cannot read image {f}: {e}") from None
     if not arrays: return np.zeros((0, *(size or (1, 1)), 3), np.uint8)
-    first = arrays[0].shape
-    odd = next(((f, a.shape) for f, a in zip(files, arrays) if a.shape != first), None)
-    if odd is not None:
-        raise ValueError(f"images have different sizes: {files[0]} is {first[1]}x{first[0]}, {odd[0]} is "
-                         f"{odd[1][1]}x{odd[1][0]} (width x height); pass image_size=S to resize every image to "
-                         "S x S (cover, then centre crop).")
+    odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+    if odd is not None: raise _mixed_sizes(files[0], arrays[0].shape[:2], files[odd], arrays[odd].shape[:2])
     return np.stack(arrays)
+
+def _mixed_sizes(a: Path, size_a: tuple[int, int], b: Path, size_b: tuple[int, int]) -> ValueError:
+    "The error for images of different sizes (sizes as (H, W)), naming two of the files."
+    return ValueError(f"images have different sizes: {a} is {size_a[1]}x{size_a[0]}, {b} is {size_b[1]}x{size_b[0]} "
+                      "(width x height); pass image_size=S to resize every image to S x S (cover, then centre crop).")
 
 def _cache_path(root: Path) -> Path:
     "Under CACHE_DIR, never beside the user's data; the folder's absolute path names the file."
@@ -265,10 +266,7 @@ def _common_size(files: list[Path]) -> tuple[int, int]:
             with Image.open(f) as im: sizes.append((im.height, im.width))
         except (OSError, SyntaxError, ValueError) as e: raise ValueError(f"cannot read image {f}: {e}") from None
     odd = next((i for i, s in enumerate(sizes) if s != sizes[0]), None)
-    if odd is not None:
-        raise ValueError(f"images have different sizes: {files[0]} is {sizes[0][1]}x{sizes[0][0]}, {files[odd]} is "
-                         f"{sizes[odd][1]}x{sizes[odd][0]} (width x height); pass image_size=S to resize every image "
-                         "to S x S (cover, then centre crop).")
+    if odd is not None: raise _mixed_sizes(files[0], sizes[0], files[odd], sizes[odd])
     return sizes[0]
 
 def _images(files: list[Path], root: Path, image_size, stream: bool | None, memory_gb: float):
