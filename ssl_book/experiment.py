@@ -22,7 +22,7 @@ from .train import METHODS, fit, resolve_precision
 
 # %% auto #0
 __all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_checkpoint', 'run_one', 'run_experiment', 'plot_summary',
-           'save_results']
+           'save_results', 'trained_method']
 
 # %% ../nbs/toolkit/experiment.ipynb #c004
 CHAPTER_MODULES = ("introduction", "assumptions", "consistency", "pseudo_labels", "mixmatch",
@@ -152,3 +152,24 @@ def save_results(results: list[dict], preset: Preset, out_dir: str | Path, title
                          title=title or f"{preset.describe()}\n{n:,} labels, up to {max(r['seeds'] for r in rows)} seed(s)")
     fig.savefig(out / "results.png", dpi=120); plt.close(fig)
     return {"json": out / "results.json", "png": out / "results.png", "rows": rows}
+
+# %% ../nbs/toolkit/experiment.ipynb #c011
+def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
+                   checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None):
+    """The trained `Method` of a stored run of a registered method, from its record: resumed from its last checkpoint
+    under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split."""
+    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    name, seed = record["method"], record["seed"]
+    if name not in METHODS:
+        raise ValueError(f"{name!r} is not a registered method (for a recipe, call fit_recipe with run_checkpoint).")
+    if record["preset"] != preset.name:
+        raise ValueError(f"the record is a {record['preset']!r} run, not one of preset {preset.name!r}.")
+    s = (given_split(train, preset.n_val, seed) if len(train.unlabeled) else
+         split(train.labels, record["labels"], record["unlabeled"], preset.n_val, seed=seed))
+    if s.digest() != record["split"]:
+        raise ValueError(f"the split drawn for seed {seed} is not the record's ({s.digest()} against {record['split']}): "
+                         "other data or another preset.")
+    method = METHODS[name](make_model(preset, train, seed), preset)
+    ck = run_checkpoint(checkpoint_dir, record) if checkpoint_dir is not None else None
+    fit(method, train, s, replace(preset.fit, seed=seed), test, device=device, checkpoint=ck, progress=False)
+    return method

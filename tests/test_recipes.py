@@ -252,3 +252,23 @@ def test_run_checkpoint_finds_a_stored_runs_checkpoints(digits, tmp_path):
     sup, ts = recs
     assert run_checkpoint(tmp_path / "ck", sup).is_file() and run_checkpoint(tmp_path / "ck", sup).suffix == ".pt"
     assert run_checkpoint(tmp_path / "ck", ts).is_dir() and len(list(run_checkpoint(tmp_path / "ck", ts).glob("*.pt"))) == 3
+
+def test_trained_method_gives_back_the_stored_runs_model(digits, tmp_path):
+    "From a record and its checkpoint: the same model (the record's accuracy, exactly), no training; clear errors else."
+    from dataclasses import replace
+    from ssl_book.evaluate import accuracy
+    from ssl_book.experiment import trained_method
+    from ssl_book.presets import get_preset
+    preset = get_preset("tiny")
+    preset = replace(preset, fit=replace(preset.fit, steps=12, eval_every=6))
+    train, test = digits
+    sup, ts = run_experiment(preset, ["supervised", "teacher_student"], seeds=[1], data=digits, device="cpu",
+                             checkpoint_dir=tmp_path)
+    back = trained_method(preset, sup, train, test, checkpoint_dir=tmp_path)
+    assert accuracy(back.ema_model, test) == pytest.approx(sup["test_acc"], abs=1e-6)
+    with pytest.raises(ValueError, match="not a registered method"):
+        trained_method(preset, ts, train, test, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="not the record's"):
+        trained_method(preset, {**sup, "seed": 2}, train, test)
+    with pytest.raises(ValueError, match="not one of preset"):
+        trained_method("cpu", sup, train, test)
