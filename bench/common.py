@@ -1,7 +1,8 @@
 "Shared helpers for the benchmarks: data to run on and a timer."
-import platform, time
+import time
 import torch
 from ssl_book.data import load_dataset, make_synthetic
+from ssl_book.results import machine as results_machine
 
 def cifar_or_synthetic(n: int):
     "n CIFAR-10 training images if a local copy is found (no download), else synthetic 32x32 images."
@@ -20,10 +21,6 @@ def best_of(fn, repeats: int = 5) -> float:
     return min(times)
 
 def machine() -> str:
-    "CPU model, thread count and torch version."
-    model = platform.machine()
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    "CPU model, thread count and torch version, as one line (from the results records' `machine`)."
+    m = results_machine()
+    return f"{m['gpu'] or m['cpu']}, {m['threads']} torch threads, torch {m['torch']}"
