@@ -48,7 +48,7 @@ def run_checkpoint(checkpoint_dir: str | Path, record: dict) -> Path:
     """Where `run_one` keeps a run's checkpoints, from its record: a folder of stage checkpoints for a recipe, a .pt
     file for a method. A chapter uses it to get a stored run's trained model back (instantly on the machine that ran it)."""
     base = Path(checkpoint_dir) / record["preset"] / f"{record['method']}-{record['labels']}-s{record['seed']}-{record['run_id']}"
-    return base if record["method"] in RECIPES else base.with_suffix(".pt")
+    return base if record["method"] in RECIPES else base.parent / f"{base.name}.pt"    # not with_suffix: names may hold dots
 
 def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split, seed: int,
             device: torch.device | str | None = None, progress: bool = False, store: str | Path | None = None,

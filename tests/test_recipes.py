@@ -272,3 +272,10 @@ def test_trained_method_gives_back_the_stored_runs_model(digits, tmp_path):
         trained_method(preset, {**sup, "seed": 2}, train, test)
     with pytest.raises(ValueError, match="not one of preset"):
         trained_method("cpu", sup, train, test)
+
+def test_run_checkpoint_keeps_dots_in_method_names(tmp_path):
+    "Two methods whose names differ after a dot (temperatures, say) must not share a checkpoint file."
+    from ssl_book.experiment import run_checkpoint
+    rec = lambda m, rid: {"preset": "tiny", "method": m, "labels": 50, "seed": 0, "run_id": rid}
+    a, b = run_checkpoint(tmp_path, rec("x_t0.1", "aaa")), run_checkpoint(tmp_path, rec("x_t0.5", "bbb"))
+    assert a != b and a.name == "x_t0.1-50-s0-aaa.pt" and b.suffix == ".pt"
