@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['RANDAUGMENT_OPS', 'random_flip', 'random_translate', 'weak_augment', 'rand_augment', 'cutout', 'strong_augment',
-           'Augmenter', 'show_augmentations']
+__all__ = ['RANDAUGMENT_OPS', 'CONTRASTIVE_COLORS', 'random_flip', 'random_translate', 'weak_augment', 'rand_augment', 'cutout',
+           'strong_augment', 'random_resized_crop', 'color_jitter', 'random_grayscale', 'color_affine',
+           'contrastive_augment', 'Augmenter', 'show_augmentations']
 
 # %% ../nbs/toolkit/augment.ipynb #c004
 def _check_float_batch(x: torch.Tensor) -> None:
@@ -159,6 +160,119 @@ def strong_augment(x: torch.Tensor, g: torch.Generator, flip: bool = True, pad_f
     x = weak_augment(x, g, flip=flip, pad_frac=pad_frac)
     return cutout(rand_augment(x, g, n_ops=n_ops), g, max_frac=cutout_frac)
 
+# %% ../nbs/toolkit/augment.ipynb #c013c
+def random_resized_crop(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), size: int | None = None) -> torch.Tensor:
+    """Crop a rectangle of each image, with its own area share in `scale` and aspect ratio (log-uniform) in `ratio`,
+    and resize it bilinearly to `size` x `size` (default: the input's size). A side that would exceed the image is
+    clipped to it (torchvision redraws up to ten times instead)."""
+    _check_float_batch(x)
+    if not 0 < scale[0] <= scale[1] <= 1: raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}.")
+    if not 0 < ratio[0] <= ratio[1]: raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}.")
+    B, C, H, W = x.shape
+    area = _uniform(g, B, x.device, *scale)
+    r = _uniform(g, B, x.device, math.log(ratio[0]), math.log(ratio[1])).exp()
+    w, h = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)   # fractions of the width and height
+    cx = (_uniform(g, B, x.device) * 2 - 1) * (1 - w)                         # centres keep the crop inside
+    cy = (_uniform(g, B, x.device) * 2 - 1) * (1 - h)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([w, zero, cx, zero, h, cy], 1).reshape(B, 2, 3)
+    out = (H, W) if size is None else (size, size)
+    grid = F.affine_grid(theta, [B, C, *out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+def _adjust_brightness(x, f): return _blend(x, torch.zeros_like(x), f)
+def _adjust_contrast(x, f): return _blend(x, _grey(x).mean((1, 2, 3), keepdim=True).expand_as(x), f)
+def _adjust_saturation(x, f): return _blend(x, _grey(x).expand_as(x), f) if x.shape[1] == 3 else x
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    d = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # the six sectors of the hue circle: (r, g, b) for i = 0..5
+    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i[:, None]).squeeze(1)
+    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None]).squeeze(1)
+    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None]).squeeze(1)
+    return torch.stack([r, g, b], 1)
+
+def _adjust_hue(x, f):
+    "Rotate the hue by f (a fraction of the circle, in [-0.5, 0.5]) per image; grey images have no hue."
+    if x.shape[1] != 3: return x
+    hsv = _rgb_to_hsv(x)
+    hsv = torch.stack([(hsv[:, 0] + f[:, None, None]) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+    return _hsv_to_rgb(hsv).clamp(0, 1)
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.4, hue: float = 0.1, p: float = 0.8) -> torch.Tensor:
+    """torchvision's `ColorJitter`, per image: with probability p an image gets its own brightness, contrast and
+    saturation factors (uniform in [max(0, 1 - v), 1 + v]) and hue shift (uniform in [-hue, hue]), applied in its own
+    random order."""
+    _check_float_batch(x)
+    if min(brightness, contrast, saturation) < 0 or not 0 <= hue <= 0.5 or not 0 <= p <= 1:
+        raise ValueError("brightness, contrast and saturation must be >= 0, hue in [0, 0.5] and p in [0, 1].")
+    B, dev = len(x), x.device
+    factors = [_uniform(g, B, dev, max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
+    factors.append(_uniform(g, B, dev, -hue, hue))
+    order = torch.rand(B, 4, generator=g).argsort(1)          # each image's order of the four operations
+    on = torch.rand(B, generator=g) < p
+    ops = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+    out = x.clone()
+    for pos in range(4):
+        for k, op in enumerate(ops):
+            idx = ((order[:, pos] == k) & on).nonzero().squeeze(1)
+            if len(idx):
+                idx = idx.to(dev)
+                out[idx] = op(out[idx], factors[k][idx])
+    return out
+
+def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float = 0.2) -> torch.Tensor:
+    "Replace each colour image by its grey version (in every channel) with probability p; grey images stay."
+    _check_float_batch(x)
+    if not 0 <= p <= 1: raise ValueError(f"p must be in [0, 1], got {p}.")
+    m = _uniform(g, len(x), x.device) < p
+    if x.shape[1] != 3: return x
+    return torch.where(m[:, None, None, None], _grey(x).expand_as(x), x)
+
+def color_affine(x: torch.Tensor, g: torch.Generator, brightness: float = 0.6, jitter: float = 0.2) -> torch.Tensor:
+    """The source article's `RandomColorAffine`: each image's pixels times its own C x C matrix (1 + b) I + J, with b
+    uniform in [-brightness, brightness] and J's entries uniform in [-jitter, jitter], then clipped to [0, 1]."""
+    _check_float_batch(x)
+    if brightness < 0 or jitter < 0: raise ValueError("brightness and jitter must be >= 0.")
+    B, C = x.shape[:2]
+    b = _uniform(g, B, x.device, -brightness, brightness)
+    J = _uniform(g, B * C * C, x.device, -jitter, jitter).reshape(B, C, C)
+    M = torch.eye(C, device=x.device) * (1 + b)[:, None, None] + J
+    return torch.einsum("bchw,bcd->bdhw", x, M).clamp(0, 1)      # out[d] = sum_c x[c] M[c, d], as pixels @ M
+
+CONTRASTIVE_COLORS = ("jitter", "affine", "none")
+
+def contrastive_augment(x: torch.Tensor, g: torch.Generator, flip: bool = True,
+                        crop_scale: tuple[float, float] = (0.08, 1.0), strength: float = 0.5, color: str = "jitter",
+                        p_jitter: float = 0.8, p_gray: float = 0.2) -> torch.Tensor:
+    """SimCLR's view: random resized crop, flip, colour distortion, random grayscale, all per image. `color`:
+    "jitter" (SimCLR: jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability `p_jitter`), "affine" (the article's colour
+    affine, (1.2s, 0.4s), always) or "none"; s = `strength`."""
+    if color not in CONTRASTIVE_COLORS: raise ValueError(f"color must be one of {CONTRASTIVE_COLORS}, got {color!r}.")
+    if strength < 0: raise ValueError(f"strength must be >= 0, got {strength}.")
+    x = random_resized_crop(x, g, crop_scale)
+    if flip: x = random_flip(x, g)
+    if color == "jitter": x = color_jitter(x, g, 0.8 * strength, 0.8 * strength, 0.8 * strength, min(0.5, 0.2 * strength), p_jitter)
+    elif color == "affine": x = color_affine(x, g, 1.2 * strength, 0.4 * strength)
+    return random_grayscale(x, g, p_gray) if p_gray > 0 else x
+
 # %% ../nbs/toolkit/augment.ipynb #c015
 from .data import to_unit
 
@@ -189,6 +303,12 @@ class Augmenter:
         "Weak, then RandAugment per image, then cutout."
         with self._fp32(x):
             return strong_augment(self._unit(x), self.g, self.flip, self.pad_frac, self.n_ops, self.cutout_frac)
+
+    def contrastive(self, x: torch.Tensor, crop_scale: tuple[float, float] = (0.08, 1.0), strength: float = 0.5,
+                    color: str = "jitter", p_jitter: float = 0.8, p_gray: float = 0.2) -> torch.Tensor:
+        "A contrastive view (see `contrastive_augment`); flips only where this augmenter allows them."
+        with self._fp32(x):
+            return contrastive_augment(self._unit(x), self.g, self.flip, crop_scale, strength, color, p_jitter, p_gray)
 
 # %% ../nbs/toolkit/augment.ipynb #c017
 def show_augmentations(images: torch.Tensor, aug: Augmenter, n_views: int = 2, title: str = ""):

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['UNLABELED', 'IMAGE_SUFFIXES', 'CACHE_DIR', 'CIFAR10_CLASSES', 'DATASETS', 'check_images', 'check_labels', 'ImageSet',
-           'load_digits_set', 'make_synthetic', 'decode_images', 'read_image_folder', 'LazyImages', 'load_folder',
-           'load_cifar10', 'load_dataset', 'Split', 'split', 'given_split', 'StepSampler', 'to_unit', 'default_device']
+__all__ = ['UNLABELED', 'IMAGE_SUFFIXES', 'CACHE_DIR', 'CIFAR10_CLASSES', 'STL10_CLASSES', 'DATASETS', 'check_images',
+           'check_labels', 'ImageSet', 'load_digits_set', 'make_synthetic', 'decode_images', 'read_image_folder',
+           'LazyImages', 'load_folder', 'load_cifar10', 'load_stl10', 'load_dataset', 'Split', 'split', 'given_split',
+           'StepSampler', 'to_unit', 'default_device']
 
 # %% ../nbs/toolkit/data.ipynb #c005
 def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -347,12 +348,16 @@ def load_folder(root: str | Path, test_fraction: float = 0.2, seed: int = 0, ima
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 
-def _find_cifar_folder(root: Path | None) -> Path | None:
-    "An explicit root is the only place looked at; otherwise $SSL_BOOK_DATA, then the cache."
+def _find_folder(root: Path | None, sub: str) -> Path | None:
+    "An image-folder copy with train/ and test/ at root or root/<sub>; without root, under $SSL_BOOK_DATA, then the cache."
     if root is not None: bases = [root]
     else: bases = ([Path(os.environ["SSL_BOOK_DATA"])] if os.environ.get("SSL_BOOK_DATA") else []) + [CACHE_DIR]
-    candidates = [c for b in bases for c in (b, b / "cifar10-jpeg")]
+    candidates = [c for b in bases for c in (b, b / sub)]
     return next((c for c in candidates if (c / "train").is_dir() and (c / "test").is_dir()), None)
+
+def _find_cifar_folder(root: Path | None) -> Path | None:
+    "An explicit root is the only place looked at; otherwise $SSL_BOOK_DATA, then the cache."
+    return _find_folder(root, "cifar10-jpeg")
 
 def load_cifar10(root: str | Path | None = None, download: bool = True) -> tuple[ImageSet, ImageSet]:
     "CIFAR-10 from an image-folder copy if one is found, else through torchvision (downloading if allowed)."
@@ -379,14 +384,52 @@ def load_cifar10(root: str | Path | None = None, download: bool = True) -> tuple
                              torch.tensor(ds.targets), list(ds.classes), "CIFAR-10"))
     return sets[0], sets[1]
 
+# %% ../nbs/toolkit/data.ipynb #c018s
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+def _shrink(images: torch.Tensor, size: int | tuple[int, int] | None, chunk: int = 2048) -> torch.Tensor:
+    "uint8 images resized to `size` by area interpolation (for shrinking), in chunks; unchanged without a size."
+    if size is None: return images
+    import torch.nn.functional as F
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.cat([F.interpolate(images[i:i + chunk].float(), size=size, mode="area").round().clamp(0, 255).to(torch.uint8)
+                      for i in range(0, len(images), chunk)])
+
+def load_stl10(root: str | Path | None = None, download: bool = True,
+               image_size: int | tuple[int, int] | None = None) -> tuple[ImageSet, ImageSet]:
+    """STL-10 as (train, test): the 5,000 labeled and 100,000 unlabeled (label UNLABELED) training images, and the
+    8,000 test images; from an image-folder copy if one is found, else through torchvision (downloading if allowed)."""
+    root = Path(root) if root is not None else None
+    folder = _find_folder(root, "stl10")
+    if folder is not None:
+        train, test = load_folder(folder, image_size=image_size)
+        if train.classes != STL10_CLASSES:
+            raise ValueError(f"{folder} does not hold the ten STL-10 class folders {STL10_CLASSES}.")
+        train.source = test.source = f"STL-10 (image folder {folder})"
+        return train, test
+    from torchvision.datasets import STL10
+    tv_root = root or CACHE_DIR
+    present = (tv_root / "stl10_binary").is_dir()
+    if not present and not download:
+        raise ValueError(f"no STL-10 found under {tv_root} (neither an image folder with train/, unlabeled/ and test/ "
+                         "nor torchvision's stl10_binary) and download=False. Pass download=True (2.6 GB), or point "
+                         "root= or $SSL_BOOK_DATA at a copy.")
+    sets = []
+    for part in ("train+unlabeled", "test"):
+        ds = STL10(str(tv_root), split=part, download=download and not present)
+        images = _shrink(torch.from_numpy(ds.data).contiguous(), image_size)       # torchvision gives [N, 3, 96, 96]
+        sets.append(ImageSet(images, torch.from_numpy(ds.labels.astype("int64")), STL10_CLASSES, "STL-10"))
+    return sets[0], sets[1]
+
 # %% ../nbs/toolkit/data.ipynb #c019
-DATASETS = ("digits", "cifar10", "folder", "synthetic")
+DATASETS = ("digits", "cifar10", "stl10", "folder", "synthetic")
 
 def load_dataset(name: str, root: str | Path | None = None, download: bool = True,
                  image_size: int | tuple[int, int] | None = None, stream: bool | None = None) -> tuple[ImageSet, ImageSet]:
-    "Load a data set by name as a (train, test) pair of `ImageSet`s. Names: see `DATASETS`; `image_size`, `stream`: folders."
+    "Load a data set by name as a (train, test) pair of `ImageSet`s. Names: see `DATASETS`; `image_size`: folders and STL-10; `stream`: folders."
     if name == "digits": return load_digits_set()
     if name == "cifar10": return load_cifar10(root, download)
+    if name == "stl10": return load_stl10(root, download, image_size)
     if name == "folder":
         if root is None: raise ValueError('load_dataset("folder") needs root=<path to class folders>.')
         if not Path(root).is_dir(): raise ValueError(f"data folder {root} does not exist.")

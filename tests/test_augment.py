@@ -139,3 +139,82 @@ def test_augmentation_is_float32_under_autocast():
         w, s = a.weak(x), a.strong(x)
     assert w.dtype == s.dtype == torch.float32
     assert torch.equal(w, ref_w) and torch.equal(s, ref_s)
+
+
+# Contrastive views (Chapter 7): crops, colour jitter, grayscale, the article's colour affine.
+from ssl_book.augment import color_affine, color_jitter, contrastive_augment, random_grayscale, random_resized_crop
+
+
+@pytest.mark.parametrize("fn", [lambda x: random_resized_crop(x, g()), lambda x: color_jitter(x, g()),
+                                lambda x: random_grayscale(x, g(), 0.5), lambda x: color_affine(x, g()),
+                                lambda x: contrastive_augment(x, g()), lambda x: contrastive_augment(x, g(), color="affine")])
+def test_contrastive_ops_shape_range_and_seed(fn):
+    x = _batch()
+    y = fn(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(fn(x), y)                                        # the same seed, the same views
+
+def test_full_crop_is_the_identity():
+    x = _batch()
+    assert torch.allclose(random_resized_crop(x, g(), scale=(1.0, 1.0), ratio=(1.0, 1.0)), x, atol=1e-6)
+
+def test_crop_area_and_ratio_are_drawn_per_image_within_their_ranges():
+    "On a linear ramp, bilinear sampling is exact: the output's span is the crop's width (or height) as a fraction."
+    B, S = 64, 16
+    u = (2 * torch.arange(S) + 1) / S - 1                                  # pixel centres in grid units
+    x = torch.stack([u[None, :].expand(S, S), u[:, None].expand(S, S)])[None].expand(B, 2, S, S)
+    x = torch.cat([(x + 1) / 2, torch.zeros(B, 1, S, S)], 1).contiguous()   # in [0, 1]
+    out = random_resized_crop(x, g(5), scale=(0.2, 0.6), ratio=(0.5, 2.0)) * 2 - 1
+    w = (out[:, 0, :, -1] - out[:, 0, :, 0]).mean(1) / (u[-1] - u[0])
+    h = (out[:, 1, -1, :] - out[:, 1, 0, :]).mean(1) / (u[-1] - u[0])
+    area, ratio = w * h, w / h
+    assert (area > 0.2 - 1e-4).all() and (area < 0.6 + 1e-4).all()
+    assert (ratio > 0.5 - 1e-3).all() and (ratio < 2.0 + 1e-3).all()
+    assert area.std() > 0.05 and ratio.std() > 0.1                          # per image, not one crop for the batch
+    with pytest.raises(ValueError, match="scale"): random_resized_crop(x, g(), scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="ratio"): random_resized_crop(x, g(), ratio=(0.0, 1.0))
+
+@pytest.mark.parametrize("op, ref", [("brightness", "adjust_brightness"), ("contrast", "adjust_contrast"),
+                                     ("saturation", "adjust_saturation"), ("hue", "adjust_hue")])
+def test_colour_operations_match_torchvision(op, ref):
+    import torchvision.transforms.functional as TF
+    from ssl_book import augment
+    x = _batch(n=6)
+    f = torch.tensor([-0.45, -0.2, 0.0, 0.1, 0.3, 0.5]) if op == "hue" else torch.tensor([0.0, 0.3, 0.8, 1.0, 1.4, 1.9])
+    ours = getattr(augment, f"_adjust_{op}")(x, f)
+    theirs = torch.stack([getattr(TF, ref)(xi, float(fi)) for xi, fi in zip(x, f)])
+    assert (ours - theirs).abs().max() < 2e-4, (ours - theirs).abs().max()   # torchvision's grey weights: 0.2989
+
+def test_color_jitter_is_per_image_and_p_zero_is_the_identity():
+    x = _batch(n=32)
+    assert torch.equal(color_jitter(x, g(), p=0.0), x)
+    y = color_jitter(x.clamp(0.2, 0.6), g(), brightness=0.5, contrast=0, saturation=0, hue=0, p=1.0)
+    scale = (y / x.clamp(0.2, 0.6)).flatten(1)                            # brightness only: one factor per image
+    assert torch.allclose(scale.amin(1), scale.amax(1), atol=1e-5) and scale[:, 0].std() > 0.05
+    with pytest.raises(ValueError, match="hue"): color_jitter(x, g(), hue=0.7)
+
+def test_grayscale_and_grey_images():
+    x = _batch()
+    grey = random_grayscale(x, g(), p=1.0)
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])
+    assert torch.equal(random_grayscale(x, g(), p=0.0), x)
+    one = _batch(c=1)
+    assert torch.equal(random_grayscale(one, g(), p=1.0), one)           # nothing to remove from a grey image
+    assert torch.allclose(color_jitter(one, g(), brightness=0, contrast=0, saturation=1.0, hue=0.5, p=1.0), one, atol=1e-6)
+
+def test_color_affine_brightness_only_and_identity():
+    x = _batch(n=16)
+    assert torch.allclose(color_affine(x, g(), brightness=0.0, jitter=0.0), x)
+    y = color_affine(x * 0.5, g(), brightness=0.6, jitter=0.0)
+    scale = (y / (x * 0.5).clamp_min(1e-6)).flatten(1)[:, 10]
+    assert ((scale > 0.4 - 1e-4) & (scale < 1.6 + 1e-4)).all() and scale.std() > 0.1
+    with pytest.raises(ValueError, match="color"): contrastive_augment(x, g(), color="sepia")
+
+def test_contrastive_views_respect_no_flip_and_are_float32_under_autocast():
+    x = _batch(n=4)
+    same = contrastive_augment(x, g(), flip=False, crop_scale=(1.0, 1.0), color="none", p_gray=0.0)
+    assert torch.allclose(same, random_resized_crop(x, g(), scale=(1.0, 1.0)), atol=1e-6)   # no flip at all
+    u8 = (x * 255).round().to(torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = Augmenter(seed=0).contrastive(u8)
+    assert v.dtype == torch.float32 and v.shape == x.shape

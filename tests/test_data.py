@@ -32,7 +32,7 @@ def test_imageset_rejects_length_mismatch():
         ImageSet(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(ValueError, match="digits, cifar10, folder, synthetic"):
+    with pytest.raises(ValueError, match="digits, cifar10, stl10, folder, synthetic"):
         load_dataset("imagenet")
 
 def test_missing_cifar_without_download(tmp_path):

@@ -171,6 +171,7 @@ REFERENCES = {
     "04_pseudo_labels": {"ex1-check": ["lee_alpha"], "ex2-check": ["select_pseudo_labels"]},
     "05_mixmatch": {"ex1-check": ["sharpen"], "ex2-check": ["mixup"]},
     "06_noisy_student": {"ex1-check": ["distill_loss", "kl_div"], "ex2-check": ["balance_weights"]},
+    "07_simclr": {"ex1-check": ["nt_xent", "NTXentLoss", "cross_entropy"], "ex2-check": ["uniformity", "pdist"]},
     "09_robustness": {"ex1-check": ["contrast"], "ex2-check": ["motion_kernel"], "ex3-check": ["mce"]},
 }
 
