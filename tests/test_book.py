@@ -39,13 +39,18 @@ def test_there_are_chapters_and_toolkit_notebooks():
 def test_notebook_is_in_the_sidebar_and_has_a_title(nb):
     rel = nb.relative_to(ROOT / "nbs").as_posix()
     assert rel in _listed(), f"{rel} is not listed in nbs/_quarto.yml"
-    first = nbformat.read(nb, as_version=4).cells[0]
+    first = _cells(nb)[0]
     assert first.cell_type == "markdown" and first.source.startswith("# "), f"{rel} must start with a '# ' title"
+
+def _cells(nb):
+    "The notebook's cells after an optional leading raw cell of Quarto front matter (e.g. `draft: true`)."
+    cells = nbformat.read(nb, as_version=4).cells
+    return cells[1:] if cells and cells[0].cell_type == "raw" and cells[0].source.startswith("---") else cells
 
 @pytest.mark.parametrize("nb", CHAPTERS, ids=lambda p: p.stem)
 def test_chapter_has_colab_badge_for_itself(nb):
     "The badge opens this notebook, in a cell of its own: nbdev turns the title cell into page metadata, badge and all."
-    cells = nbformat.read(nb, as_version=4).cells
+    cells = _cells(nb)
     assert "colab-badge.svg" not in cells[0].source
     badge = cells[1].source
     assert cells[1].cell_type == "markdown" and "colab-badge.svg" in badge and f"blob/main/nbs/{nb.name}" in badge
