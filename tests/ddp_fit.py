@@ -21,3 +21,6 @@ else:
     h = fit(FixMatch(small_cnn(3, 4, 8)), train, split(train.labels, 16, seed=0), cfg, train, progress=False,
             device="cpu", checkpoint=out + ".pt")
 if rank == 0: json.dump({"world": world, "loss": h["loss"], "test_acc": h["test_acc"]}, open(out, "w"))
+if torch.distributed.is_initialized():                 # leave no gloo threads to the interpreter's exit (it can abort)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
