@@ -13,7 +13,7 @@ from .data import ImageSet, check_images, check_labels, to_unit
 
 # %% auto #0
 __all__ = ['predict', 'accuracy', 'confusion_matrix', 'per_class_accuracy', 'expected_calibration_error', 'plot_confusion',
-           'extract_features', 'knn_accuracy', 'linear_probe']
+           'extract_features', 'knn_accuracy', 'linear_probe', 'knn_eval']
 
 # %% ../nbs/toolkit/evaluate.ipynb #c004
 @torch.no_grad()
@@ -102,16 +102,22 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 # %% ../nbs/toolkit/evaluate.ipynb #c011
 def linear_probe(model: nn.Module, train: ImageSet, test: ImageSet, epochs: int = 100, lr: float = 0.1,
-                 weight_decay: float = 1e-4, device=None, seed: int = 0) -> float:
-    "Test accuracy of a logistic regression trained on frozen, standardised encoder features."
+                 weight_decay: float = 1e-4, device=None, seed: int = 0, hidden: int = 0) -> float:
+    """Test accuracy of a logistic regression trained on frozen, standardised encoder features. `hidden` > 0 trains a
+    small non-linear probe instead (Linear, ReLU, Linear with `hidden` units), as in RotNet's per-layer evaluation."""
+    if hidden < 0: raise ValueError(f"hidden must be >= 0 (0: a linear probe), got {hidden}.")
     f_tr, f_te = extract_features(model, train.images, device=device), extract_features(model, test.images, device=device)
     mu, sd = f_tr.mean(0), f_tr.std(0).clamp_min(1e-6)
     f_tr, f_te = (f_tr - mu) / sd, (f_te - mu) / sd
-    g = torch.Generator().manual_seed(seed)
-    clf = nn.Linear(f_tr.shape[1], train.n_classes)
-    with torch.no_grad():
-        clf.weight.normal_(0, 0.01, generator=g); clf.bias.zero_()
-    opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    d = f_tr.shape[1]
+    with torch.random.fork_rng():                              # the probe's initial weights come from `seed` alone
+        torch.manual_seed(seed)
+        clf = nn.Linear(d, train.n_classes) if not hidden else \
+            nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, train.n_classes))
+        if not hidden:
+            with torch.no_grad(): clf.weight.normal_(0, 0.01); clf.bias.zero_()
+    # an MLP on standardised features diverges at the logistic regression's rate: a tenth of it
+    opt = torch.optim.Adam(clf.parameters(), lr=lr if not hidden else lr / 10, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):                                    # full-batch: features are small
         opt.zero_grad()
@@ -119,3 +125,12 @@ def linear_probe(model: nn.Module, train: ImageSet, test: ImageSet, epochs: int 
         opt.step(); sched.step()
     with torch.no_grad():
         return (clf(f_te).argmax(1) == test.labels).float().mean().item()
+
+def knn_eval(model: nn.Module, train: ImageSet, test: ImageSet, k: int = 20, device=None) -> float:
+    """kNN test accuracy of `model.encoder`'s features (eval mode), with `train` as the labeled bank; k is capped at the
+    smallest class's count in the bank, so that no vote needs more neighbours than a class has."""
+    per_class = torch.bincount(train.labels, minlength=train.n_classes)
+    k = max(1, min(k, int(per_class[per_class > 0].min())))
+    f_tr, f_te = extract_features(model, train.images, device=device), extract_features(model, test.images, device=device)
+    return knn_accuracy(f_tr, train.labels, f_te, test.labels, k=k)
+

@@ -16,13 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageSet, Split
-from .evaluate import predict
+from .evaluate import knn_eval, predict
 from .models import Classifier
+from .augment import Augmenter
 from .train import Batch, FitConfig, History, Method, Supervised, fit, register_in
 
 # %% auto #0
-__all__ = ['RECIPES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'fit_recipe', 'register_recipe',
-           'with_new_head', 'FineTune', 'Student']
+__all__ = ['RECIPES', 'STRATEGIES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'fit_recipe',
+           'register_recipe', 'with_new_head', 'FineTune', 'Pretext', 'pretext_recipe', 'Student']
 
 # %% ../nbs/toolkit/recipes.ipynb #c005
 @dataclass
@@ -189,6 +190,96 @@ class FineTune(Supervised):
         logits = self.model.head(self.model.dropout(f))
         loss = F.cross_entropy(logits, batch.y)
         return loss, {"train_acc": (logits.argmax(1) == batch.y).float().mean()}
+
+# %% ../nbs/toolkit/recipes.ipynb #c015b
+class Pretext(Method):
+    """A self-supervised method for `fit`: `pretext_step(images, aug)` (in a subclass) is the loss of a task made from the
+    images alone, labeled and unlabeled alike. An online linear probe, the model's `head`, trains beside it on detached
+    features of the labeled images (encoder in eval mode), and `fit` reports its test accuracy; `probe=False` makes a
+    label-free stage. Each evaluation adds `knn_acc`: a kNN classifier on the labeled images' encoder features."""
+    name = "pretext"
+    inputs_per_image = 1            # encoder inputs the task makes of one image (views, rotations, tiles)
+
+    def __init__(self, model: nn.Module, probe: bool = True, knn_k: int = 20):
+        if not isinstance(getattr(model, "encoder", None), nn.Module) or not isinstance(getattr(model, "head", None), nn.Linear):
+            raise ValueError(f"{type(model).__name__} has no `encoder` and linear `head`; build it with ssl_book.models.")
+        if knn_k < 1: raise ValueError(f"knn_k must be >= 1, got {knn_k}.")
+        super().__init__(model)
+        self.probe, self.knn_k = probe, knn_k
+        self.uses_labels = self.uses_unlabeled = probe    # with the probe: labeled + unlabeled batches; else label-free
+        self._bank: tuple[ImageSet, torch.Tensor] | None = None
+
+    def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
+        "Keep the labeled images for the kNN monitor."
+        self._bank = (train, split.labeled)
+
+    def pretext_step(self, images: torch.Tensor, aug: Augmenter) -> tuple[torch.Tensor, dict]:
+        "The task's loss and logs on a batch of uint8 images (labels unused)."
+        raise NotImplementedError
+
+    def probe_step(self, x: torch.Tensor, y: torch.Tensor, aug: Augmenter) -> tuple[torch.Tensor, dict]:
+        "Cross-entropy of the linear probe on detached features of weakly augmented labeled images (encoder in eval mode)."
+        enc = self.model.encoder
+        was = enc.training
+        enc.eval()                                     # no BatchNorm update, no dropout: the probe only reads
+        with torch.no_grad(): f = enc(aug.weak(x))
+        enc.train(was)
+        logits = self.model.head(f)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"probe_loss": loss.detach(), "probe_acc": (logits.argmax(1) == y).float().mean()}
+
+    def training_step(self, batch: Batch):
+        images = batch.x if batch.u is None else torch.cat([batch.x, batch.u])
+        loss, logs = self.pretext_step(images, batch.aug)
+        if self.probe:
+            p, plogs = self.probe_step(batch.x, batch.y, batch.aug)
+            loss, logs = loss + p, {**logs, **plogs}
+        return loss, logs
+
+    def metrics(self, test: ImageSet | None, device: torch.device) -> dict[str, float]:
+        "kNN accuracy of the encoder's features: the labeled images vote for the test images."
+        if test is None or self._bank is None: return {}
+        train, idx = self._bank
+        return {"knn_acc": knn_eval(self.model, train.subset(idx), test, self.knn_k, device)}
+
+# %% ../nbs/toolkit/recipes.ipynb #c015d
+STRATEGIES = ("probe", "finetune", "two_stage")
+
+def pretext_recipe(name: str, pretext: type, kwargs: dict | None = None, strategy: str = "finetune", preset=None,
+                   pretrain_share: float = 2 / 3, encoder_lr: float = 1.0, head_share: float = 0.5,
+                   second_lr: float = 0.1) -> Recipe:
+    """Label-free pretraining with `pretext(model, probe=False, **kwargs)` (a `Pretext` subclass) on `pretrain_share` of
+    the steps, then the encoder with a new linear head on the labels by `strategy`: "probe" (frozen encoder), "finetune"
+    (the encoder at `encoder_lr` times the rate) or "two_stage" (the head on the frozen encoder for `head_share` of the
+    transfer steps, then everything at `second_lr` times the learning rate; needs `preset`)."""
+    kwargs = dict(kwargs or {})
+    if not (isinstance(pretext, type) and issubclass(pretext, Pretext)):
+        raise ValueError(f"pretext must be a Pretext subclass (e.g. ssl_book.simclr.SimCLR), got {pretext!r}.")
+    if strategy not in STRATEGIES: raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}.")
+    if not 0 < pretrain_share < 1: raise ValueError(f"pretrain_share must be in (0, 1), got {pretrain_share}.")
+    if not 0 < head_share < 1: raise ValueError(f"head_share must be in (0, 1), got {head_share}.")
+    if strategy == "two_stage" and preset is None: raise ValueError("a two-stage recipe needs the preset (its learning rate).")
+    tag = f"{pretext.__module__}.{pretext.__qualname__}{sorted(kwargs.items())!r}"    # names the pretext in the run id
+
+    def pretrain(ctx):
+        if "probe" in kwargs: raise ValueError(f"{tag}: the pretraining stage is label-free; do not pass `probe`.")
+        return pretext(ctx.new_model(), probe=False, **kwargs)
+    def head_only(ctx):
+        return FineTune(with_new_head(ctx.previous_model(), ctx.previous.model.head.out_features), freeze_encoder=True)
+    def finetune(ctx):
+        return FineTune(with_new_head(ctx.previous_model(), ctx.previous.model.head.out_features), encoder_lr=encoder_lr)
+    def everything(ctx):                               # stage 2 of two: the trained head stays, all of it trains
+        return FineTune(ctx.previous_model().requires_grad_(True), encoder_lr=1.0)
+
+    per_step = preset.fit.batch_size * (1 + preset.fit.mu) * 2 if preset is not None else None
+    big = {"batch_size": max(2, per_step // pretext.inputs_per_image)} if per_step else {}
+    rest = 1 - pretrain_share
+    stages = [Stage("pretrain", pretrain, pretrain_share, big)]
+    if strategy == "probe": stages.append(Stage("probe", head_only, rest))
+    elif strategy == "finetune": stages.append(Stage("finetune", finetune, rest))
+    else: stages += [Stage("head", head_only, rest * head_share),
+                     Stage("finetune", everything, rest * (1 - head_share), {"lr": preset.fit.lr * second_lr})]
+    return Recipe(name, stages)
 
 # %% ../nbs/toolkit/recipes.ipynb #c017
 class Student(Method):

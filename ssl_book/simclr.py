@@ -13,15 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import Augmenter
-from .data import ImageSet, Split
-from .evaluate import extract_features, knn_accuracy
+from .evaluate import knn_eval
 from .models import Classifier
-from .recipes import FineTune, Recipe, Stage, register_recipe, with_new_head
-from .train import Batch, Method, register_method
+from .recipes import Pretext, Recipe, pretext_recipe, register_recipe
+from .train import register_method
 
 # %% auto #0
 __all__ = ['nt_xent', 'contrastive_accuracy', 'alignment', 'uniformity', 'projection_head', 'SimCLRNet', 'simclr_net', 'SimCLR',
-           'knn_eval', 'register_temperatures', 'simclr_recipe']
+           'register_temperatures', 'simclr_recipe']
 
 # %% ../nbs/07_simclr.ipynb #c017
 def _check_pairs(z1: torch.Tensor, z2: torch.Tensor) -> None:
@@ -98,31 +97,25 @@ def simclr_net(model: Classifier, proj_dim: int = 64, hidden_dim: int | None = N
     return net.to(next(model.parameters()).device)
 
 # %% ../nbs/07_simclr.ipynb #c031
-class SimCLR(Method):
-    """SimCLR as a method for `fit`: two contrastive views of every image (labeled and unlabeled alike, labels unused),
-    NT-Xent on their projections, and, as in the source article, an online linear probe trained on detached features
-    of the labeled images (encoder in eval mode), whose test accuracy `fit` reports. `probe=False` makes a label-free
-    stage (fit pools labeled and unlabeled images). `joint_bn=False` encodes the two views in separate batches (the
-    BatchNorm pitfall). Each evaluation adds `knn_acc`: a kNN classifier on the labeled images' encoder features."""
+class SimCLR(Pretext):
+    """SimCLR as a `Pretext` method for `fit`: two contrastive views of every image (labeled and unlabeled alike, labels
+    unused), NT-Xent on their projections, and, as in the source article, an online linear probe trained on detached
+    features of the labeled images (encoder in eval mode), whose test accuracy `fit` reports. `probe=False` makes a
+    label-free stage (fit pools labeled and unlabeled images). `joint_bn=False` encodes the two views in separate
+    batches (the BatchNorm pitfall). Each evaluation adds `knn_acc`: a kNN classifier on the labeled images' features."""
     name = "simclr"
+    inputs_per_image = 2                                          # two views
 
     def __init__(self, model: nn.Module, temperature: float = 0.5, proj_dim: int = 64,
                  crop_scale: tuple[float, float] = (0.2, 1.0), strength: float = 0.5, color: str = "jitter",
                  p_gray: float = 0.2, probe: bool = True, joint_bn: bool = True, knn_k: int = 20):
         if not isinstance(model, SimCLRNet): model = simclr_net(model, proj_dim)
-        super().__init__(model)
+        super().__init__(model, probe=probe, knn_k=knn_k)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}.")
-        if knn_k < 1: raise ValueError(f"knn_k must be >= 1, got {knn_k}.")
         self.temperature, self.proj_dim, self.crop_scale, self.strength = float(temperature), proj_dim, tuple(crop_scale), strength
-        self.color, self.p_gray, self.probe, self.joint_bn, self.knn_k = color, p_gray, probe, joint_bn, knn_k
-        self.uses_labels = self.uses_unlabeled = probe          # the article: labeled + unlabeled batches; else label-free
-        self._bank: tuple[ImageSet, torch.Tensor] | None = None
+        self.color, self.p_gray, self.joint_bn = color, p_gray, joint_bn
         Augmenter(0).contrastive(torch.zeros(2, 1, 4, 4), self.crop_scale, strength, color, p_gray=p_gray)  # bad options fail here
-
-    def setup(self, train: ImageSet, split: Split, device: torch.device) -> None:
-        "Keep the labeled images for the kNN monitor."
-        self._bank = (train, split.labeled)
 
     def views(self, x: torch.Tensor, aug: Augmenter) -> tuple[torch.Tensor, torch.Tensor]:
         "Two independent contrastive views of the uint8 batch `x`, as floats in [0, 1]."
@@ -140,38 +133,9 @@ class SimCLR(Method):
                     "align": alignment(z1, z2), "uniform": uniformity(torch.cat([z1, z2]))}
         return loss, logs
 
-    def probe_step(self, x: torch.Tensor, y: torch.Tensor, aug: Augmenter) -> tuple[torch.Tensor, dict]:
-        "Cross-entropy of the linear probe on detached features of weakly augmented labeled images (encoder in eval mode)."
-        enc = self.model.encoder
-        was = enc.training
-        enc.eval()                                     # no BatchNorm update, no dropout: the article's training=False
-        with torch.no_grad(): f = enc(aug.weak(x))
-        enc.train(was)
-        logits = self.model.head(f)
-        loss = F.cross_entropy(logits.float(), y)
-        return loss, {"probe_loss": loss.detach(), "probe_acc": (logits.argmax(1) == y).float().mean()}
-
-    def training_step(self, batch: Batch):
-        images = batch.x if batch.u is None else torch.cat([batch.x, batch.u])
-        loss, logs = self.contrastive_step(images, batch.aug)
-        if self.probe:
-            p, plogs = self.probe_step(batch.x, batch.y, batch.aug)
-            loss, logs = loss + p, {**logs, **plogs}
-        return loss, logs
-
-    def metrics(self, test: ImageSet | None, device: torch.device) -> dict[str, float]:
-        "kNN accuracy of the encoder's features: the labeled images vote for the test images."
-        if test is None or self._bank is None: return {}
-        train, idx = self._bank
-        return {"knn_acc": knn_eval(self.model, train.subset(idx), test, self.knn_k, device)}
-
-def knn_eval(model: nn.Module, train: ImageSet, test: ImageSet, k: int = 20, device=None) -> float:
-    """kNN test accuracy of `model.encoder`'s features (eval mode), with `train` as the labeled bank; k is capped at the
-    smallest class's count in the bank, so that no vote needs more neighbours than a class has."""
-    per_class = torch.bincount(train.labels, minlength=train.n_classes)
-    k = max(1, min(k, int(per_class[per_class > 0].min())))
-    f_tr, f_te = extract_features(model, train.images, device=device), extract_features(model, test.images, device=device)
-    return knn_accuracy(f_tr, train.labels, f_te, test.labels, k=k)
+    def pretext_step(self, images: torch.Tensor, aug: Augmenter) -> tuple[torch.Tensor, dict]:
+        "The pretext task of `Pretext`: the contrastive step."
+        return self.contrastive_step(images, aug)
 
 register_method("simclr", lambda model, preset=None: SimCLR(model))
 
@@ -191,16 +155,11 @@ def simclr_recipe(preset=None, freeze: bool = False, pretrain_share: float = 2 /
     """Label-free SimCLR pretraining (a share of the step budget, on labeled and unlabeled images alike, with batches of
     the preset's labeled + unlabeled size), then the encoder with a new linear head on the labels: fine-tuned
     (`freeze=False`, the encoder at `encoder_lr` times the rate) or a linear probe on the frozen encoder (BatchNorm in
-    eval mode). The hand-over is the pretraining stage's EMA encoder; the projection head is dropped."""
-    if not 0 < pretrain_share < 1: raise ValueError(f"pretrain_share must be in (0, 1), got {pretrain_share}.")
+    eval mode). The hand-over is the pretraining stage's EMA encoder; the projection head is dropped. A
+    `ssl_book.recipes.pretext_recipe` with SimCLR as the pretext task."""
     name = name or ("simclr_probe" if freeze else "simclr_finetune")
-    def pretrain(ctx): return SimCLR(ctx.new_model(), temperature=temperature, probe=False)
-    def tune(ctx):
-        n_classes = ctx.previous.model.head.out_features
-        return FineTune(with_new_head(ctx.previous_model(), n_classes), encoder_lr=encoder_lr, freeze_encoder=freeze)
-    big = {"batch_size": preset.fit.batch_size * (1 + preset.fit.mu)} if preset is not None else {}
-    return Recipe(name, [Stage("pretrain", pretrain, pretrain_share, big),
-                         Stage("probe" if freeze else "finetune", tune, 1 - pretrain_share)])
+    return pretext_recipe(name, SimCLR, {"temperature": temperature}, "probe" if freeze else "finetune", preset,
+                          pretrain_share, encoder_lr=encoder_lr)
 
 register_recipe("simclr_finetune", lambda preset=None: simclr_recipe(preset, freeze=False))
 register_recipe("simclr_probe", lambda preset=None: simclr_recipe(preset, freeze=True))
