@@ -6,13 +6,15 @@ Docs: https://ssl-book.github.io/ssl_book/robustness.html.md"""
 
 # %% ../nbs/09_robustness.ipynb #c004
 from __future__ import annotations
-import hashlib, io, json, os, subprocess, sys, tempfile, zipfile
+import copy, hashlib, io, json, os, subprocess, sys, tempfile, time, zipfile
 from pathlib import Path
 from typing import Callable, Protocol
 
 import cv2
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
@@ -26,7 +28,9 @@ __all__ = ['CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'ALL_CORRUPTIONS', 'SEVERITIES', 
            'motion_kernel', 'motion_blur_image', 'motion_blur', 'snow', 'frost', 'fetch_frost', 'frost_textures',
            'plasma_fractal', 'fog', 'rgb2hsv', 'hsv2rgb', 'brightness', 'saturate', 'contrast', 'pixelate',
            'jpeg_compression', 'elastic_transform', 'spatter', 'corrupt', 'corrupt_batch', 'job_seed', 'make_cifar10c',
-           'load_cifar10c', 'corruption_accuracy', 'mce', 'relative_mce', 'error_table', 'format_table']
+           'load_cifar10c', 'corruption_accuracy', 'mce', 'relative_mce', 'error_table', 'format_table', 'AtSize',
+           'benchmark_images', 'fast_inference', 'evaluate_robustness', 'robustness_metrics', 'robustness_record',
+           'robustness_path', 'evaluate_run']
 
 # %% ../nbs/09_robustness.ipynb #c008
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
@@ -638,11 +642,11 @@ def load_cifar10c(root: str | Path, name: str, severity: int) -> tuple[np.ndarra
 
 # %% ../nbs/09_robustness.ipynb #c050
 def corruption_accuracy(model, data, corruptions=CORRUPTIONS, severities=SEVERITIES, seed: int = 0,
-                        batch_size: int = 1024, device=None, progress: bool = True) -> dict[str, np.ndarray]:
+                        batch_size: int = 1024, device=None, progress: bool = True, amp: bool = False) -> dict[str, np.ndarray]:
     """Top-1 accuracy of `model` for every corruption and severity: {name: array of len(severities)}, in the given order.
 
     `data` is a CIFAR-10-C folder (ours or the released one), or a pair (images uint8 [N, 32, 32, 3], labels), which
-    is then corrupted on the fly with `corrupt_batch` and the seed of `make_cifar10c`."""
+    is then corrupted on the fly with `corrupt_batch` and the seed of `make_cifar10c`. `amp`: bf16 inference."""
     from tqdm.auto import tqdm
     corruptions = [_check_name(c) for c in corruptions]
     severities = [_check_severity(s) for s in severities]
@@ -659,7 +663,7 @@ def corruption_accuracy(model, data, corruptions=CORRUPTIONS, severities=SEVERIT
         for s in severities:
             if folder: x, y = load_cifar10c(data, name, s)
             else: x, y = corrupt_batch(images, name, s, seed=job_seed(seed, name, s)), labels
-            logits = predict(model, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), batch_size, device)
+            logits = predict(model, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), batch_size, device, amp=amp)
             accs.append(float((logits.argmax(1).numpy() == y).mean()))
         table[name] = np.array(accs)
     return table
@@ -709,3 +713,111 @@ def format_table(table: dict[str, np.ndarray], severities=SEVERITIES, percent: b
              "|---|" + "---|" * (len(severities) + 1)]
     lines += [f"| {k} | " + " | ".join(f(v) for v in vals) + f" | {f(np.mean(vals))} |" for k, vals in table.items()]
     return "\n".join(lines)
+
+# %% ../nbs/09_robustness.ipynb #c054b
+class AtSize(nn.Module):
+    """`model`, made to take 32 x 32 RGB images in [0, 1] (what CIFAR-10-C corrupts): the channels are averaged when the
+    model wants one, and the images area-resized to the model's `size`."""
+    def __init__(self, model: nn.Module, size: int, channels: int):
+        super().__init__()
+        if channels not in (1, 3): raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        if size < 1: raise ValueError(f"size must be >= 1, got {size}.")
+        self.model, self.size, self.channels = model, size, channels
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels == 1: x = x.mean(1, keepdim=True)
+        if x.shape[-1] != self.size: x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        return self.model(x)
+
+def benchmark_images(images: torch.Tensor) -> np.ndarray:
+    """uint8 images [N, C, H, W] (1 or 3 channels, square, a side that divides 32) as the corruptions want them:
+    uint8 [N, 32, 32, 3], grey replicated to RGB and pixels replicated to 32 x 32."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError("images must be a uint8 tensor [N, C, H, W].")
+    n, c, h, w = images.shape
+    if c not in (1, 3) or h != w or 32 % h: raise ValueError(f"need 1 or 3 channels and a square side dividing 32, got {tuple(images.shape)}.")
+    x = images.expand(n, 3, h, w) if c == 1 else images
+    x = x.repeat_interleave(32 // h, 2).repeat_interleave(32 // w, 3)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+def fast_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` for CPU inference: each BatchNorm folded into the convolution before it (torch.fx)
+    and channels-last memory; the same outputs up to float rounding, about 3 times as fast for the `cpu` preset's CNN
+    (bench/robustness_cost.py). A model that torch.fx cannot trace is only copied."""
+    from torch.fx.experimental.optimization import fuse
+    m = copy.deepcopy(model).eval()
+    try: m = fuse(m)
+    except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError): pass   # dynamic control flow
+    return m.to(memory_format=torch.channels_last)
+
+def evaluate_robustness(model: nn.Module, test, data=None, corruptions=ALL_CORRUPTIONS, severities=SEVERITIES,
+                        seed: int = 0, amp: bool = False, device=None, progress: bool = False, fast: bool = True,
+                        batch_size: int = 128) -> dict:
+    """The clean accuracy of `model` on `test` (an ImageSet) and its accuracy on every corruption and severity: from the
+    CIFAR-10-C folder `data` (written by `make_cifar10c` from the same test images), or corrupted on the fly. Images
+    that are not 32 x 32 RGB (the digits) go through `benchmark_images` and the model through `AtSize`.
+    `amp`: bf16 inference, where the machine trains in bf16; `fast`: through `fast_inference` (BatchNorm folded).
+    Batches of 128 keep a small CNN's activations in the CPU's cache."""
+    from ssl_book.evaluate import accuracy
+    _, c, h, _ = test.images.shape
+    clean = accuracy(model, test, device=device, amp=amp)
+    net = model if (c, h) == (3, 32) else AtSize(model, h, c)
+    if fast and (device is None or torch.device(device).type == "cpu"): net = fast_inference(net)
+    source = data if data is not None else (benchmark_images(test.images), test.labels.numpy())
+    acc = corruption_accuracy(net, source, corruptions, severities, seed, batch_size, device=device, progress=progress, amp=amp)
+    return {"clean_acc": clean, "acc": {k: [float(a) for a in v] for k, v in acc.items()}, "severities": list(severities),
+            "n_images": len(test), "seed": seed, "data": "folder" if data is not None else "on the fly"}
+
+def robustness_metrics(result: dict, base: dict | None = None) -> dict:
+    """The chapter's numbers from an `evaluate_robustness` result: clean error; mean corruption error over the benchmark
+    corruptions present (all 15 for the benchmark's mCE; `n_benchmark` says how many); the held-out corruptions'
+    mean error; relative mean corruption error against `base` (another result, over the corruptions both have); and
+    the mean accuracy at severity 5 over every corruption present (19 in the source article)."""
+    acc, sev = result.get("acc"), result.get("severities")
+    if not isinstance(acc, dict) or not acc or not isinstance(sev, list):
+        raise ValueError("result must come from evaluate_robustness: a dict with 'acc' {corruption: accuracies} and 'severities'.")
+    table = {k: np.asarray(v, dtype=float) for k, v in acc.items()}
+    if any(v.shape != (len(sev),) or not np.all((v >= 0) & (v <= 1)) for v in table.values()):
+        raise ValueError(f"every corruption needs {len(sev)} accuracies in [0, 1], one per severity.")
+    if not 0 <= result["clean_acc"] <= 1: raise ValueError(f"clean_acc must be in [0, 1], got {result['clean_acc']}.")
+    bench = [k for k in CORRUPTIONS if k in table]
+    extra = [k for k in EXTRA_CORRUPTIONS if k in table]
+    out = {"clean_error": 1 - result["clean_acc"], "n_benchmark": len(bench),
+           "mce": float(np.mean([1 - table[k] for k in bench])) if bench else None,
+           "extra_error": float(np.mean([1 - table[k] for k in extra])) if extra else None,
+           "extra": {k: float(np.mean(1 - table[k])) for k in extra},
+           "sev5_acc": float(np.mean([table[k][sev.index(5)] for k in table])) if 5 in sev else None,
+           "n_sev5": len(table) if 5 in sev else 0, "relative_mce": None}
+    if base is not None:
+        both = [k for k in bench if k in base["acc"]]
+        if not both or base.get("severities") != sev: raise ValueError("base must share corruptions and severities with result.")
+        e = np.array([1 - table[k] for k in both]); b = np.array([1 - np.asarray(base["acc"][k]) for k in both])
+        den = (b - (1 - base["clean_acc"])).sum(1)
+        if np.any(den == 0): raise ValueError("the base model's errors equal its clean error for some corruption.")
+        out["relative_mce"] = float(((e - out["clean_error"]).sum(1) / den).mean())
+    return out
+
+def robustness_record(run: dict, result: dict) -> dict:
+    "A results-store record of the evaluation `result` of the training run `run` (its record): `kind` robustness."
+    keys = ("preset", "data", "method", "labels", "unlabeled", "seed", "split", "run_id", "precision")
+    return {**{k: run.get(k) for k in keys}, "kind": "robustness", "test_acc": run["test_acc"], "test_acc_raw": run["test_acc_raw"],
+            "minutes": result.get("minutes", 0.0), **result, "date": time.strftime("%Y-%m-%d")}
+
+def robustness_path(run: dict, store) -> Path:
+    "store/<preset>/robustness/<method>-<labels>-s<seed>-<run id>.json: beside the run it evaluates."
+    return Path(store) / run["preset"] / "robustness" / f"{run['method']}-{run['labels']}-s{run['seed']}-{run['run_id']}.json"
+
+def evaluate_run(run: dict, model: nn.Module, test, store=None, **kw) -> dict:
+    """`evaluate_robustness` of a stored run's model, read from `store` when it was done before (the same run id, seed,
+    corruptions and severities), else computed, timed and written there."""
+    path = robustness_path(run, store) if store is not None else None
+    want = (list(kw.get("corruptions", ALL_CORRUPTIONS)), list(kw.get("severities", SEVERITIES)), kw.get("seed", 0))
+    if path is not None and path.exists():
+        old = json.loads(path.read_text())
+        if (list(old["acc"]), old["severities"], old["seed"]) == want: return old
+    t = time.perf_counter()
+    result = evaluate_robustness(model, test, **kw)
+    rec = robustness_record(run, {**result, "minutes": (time.perf_counter() - t) / 60})
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, indent=1) + "\n")
+    return rec

@@ -21,7 +21,10 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, devi
             fn=None, amp: bool = False) -> torch.Tensor:
     "Outputs of `fn(model, x)` (default: the logits) for uint8 images, in eval mode (bf16 autocast if `amp`); on the CPU."
     check_images(images)
-    device = torch.device(device or next(model.parameters()).device)
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else "cpu"            # a model without parameters runs on the CPU
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     try:

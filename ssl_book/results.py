@@ -56,9 +56,10 @@ def save_record(record: dict, store: str | Path) -> Path:
     return path
 
 def load_records(store: str | Path, preset: str | None = None) -> list[dict]:
-    "Every record under `store` (or under store/<preset>), in file-name order."
+    "Every training record under `store` (or under store/<preset>), in file-name order; evaluations of runs (their own `kind`, e.g. robustness) are left out."
     root = Path(store) / preset if preset else Path(store)
-    return [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))] if root.is_dir() else []
+    recs = [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))] if root.is_dir() else []
+    return [r for r in recs if r.get("kind") in (None, "method", "recipe")]
 
 def find_record(store: str | Path, preset: str, rid: str) -> dict | None:
     "The record of run `rid` of `preset`, or None."

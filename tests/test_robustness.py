@@ -1,0 +1,111 @@
+"Chapter 9, second half: the robustness evaluation against direct computations, its metrics, and a tiny end-to-end run."
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ssl_book.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, AtSize, benchmark_images, evaluate_robustness,
+                                  evaluate_run, mce, relative_mce, robustness_metrics)
+from ssl_book.data import ImageSet, load_dataset, split
+from ssl_book.evaluate import accuracy
+from ssl_book.experiment import make_model, run_experiment
+from ssl_book.models import small_cnn
+from ssl_book.presets import get_preset
+from ssl_book.results import load_records
+from ssl_book.train import Supervised, fit
+
+
+class Brightness(nn.Module):
+    "Class 1 exactly when an image's mean is above mid-grey."
+    def __init__(self):
+        super().__init__(); self.unused = nn.Linear(1, 1)
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], 1)
+
+def _known_folder(folder: Path, n: int = 40):
+    "A CIFAR-10-C folder of black and white images where severity s of a corruption darkens k(s) bright images."
+    x0 = np.zeros((n, 32, 32, 3), np.uint8); x0[n // 2:] = 255
+    y0 = (np.arange(n) >= n // 2).astype(np.int64)
+    known = {}
+    for name, k in [("fog", lambda s: 3 * s), ("pixelate", lambda s: s - 1)]:
+        blocks = []
+        for s in SEVERITIES:
+            x = x0.copy(); x[n // 2:n // 2 + k(s)] = 0
+            blocks.append(x); known[name] = known.get(name, []) + [1 - k(s) / n]
+        np.save(folder / f"{name}.npy", np.concatenate(blocks))
+    np.save(folder / "labels.npy", np.tile(y0.astype(np.uint8), 5))
+    return ImageSet(torch.from_numpy(x0).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y0), ["dark", "bright"]), known
+
+def test_evaluation_matches_a_direct_computation_on_a_known_folder(tmp_path):
+    clean, known = _known_folder(tmp_path)
+    res = evaluate_robustness(Brightness(), clean, data=tmp_path, corruptions=["fog", "pixelate"])
+    assert res["clean_acc"] == 1.0 and res["severities"] == list(SEVERITIES) and res["n_images"] == 40
+    for name, accs in known.items():
+        assert np.allclose(res["acc"][name], accs)
+    m = robustness_metrics(res)
+    assert m["n_benchmark"] == 2 and m["mce"] == pytest.approx(np.mean([1 - np.array(a) for a in known.values()]))
+    assert m["sev5_acc"] == pytest.approx(np.mean([a[4] for a in known.values()])) and m["extra_error"] is None
+
+def test_metrics_agree_with_mce_and_relative_mce_on_the_full_benchmark():
+    rng = np.random.default_rng(0)
+    res = {"clean_acc": 0.9, "severities": list(SEVERITIES), "acc": {c: list(rng.uniform(0.3, 0.85, 5)) for c in ALL_CORRUPTIONS}}
+    base = {"clean_acc": 0.8, "severities": list(SEVERITIES), "acc": {c: list(rng.uniform(0.2, 0.75, 5)) for c in ALL_CORRUPTIONS}}
+    err = lambda r: {c: 1 - np.array(r["acc"][c]) for c in CORRUPTIONS}
+    m = robustness_metrics(res, base)
+    assert m["mce"] == pytest.approx(mce(err(res)), abs=1e-12)
+    assert m["relative_mce"] == pytest.approx(relative_mce(err(res), 0.1, err(base), 0.2), abs=1e-12)
+    assert m["n_benchmark"] == 15 and m["n_sev5"] == 19 and len(m["extra"]) == 4
+    assert m["extra_error"] == pytest.approx(np.mean([1 - np.array(res["acc"][c]) for c in m["extra"]]))
+    assert robustness_metrics(res, res)["relative_mce"] == pytest.approx(1.0)
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"clean_acc": 0.5}, "evaluate_robustness"),
+    ({"clean_acc": 0.5, "severities": [1, 2, 3, 4, 5], "acc": {"fog": [0.5, 1.2, 0.3, 0.2, 0.1]}}, r"\[0, 1\]"),
+    ({"clean_acc": 0.5, "severities": [1, 2, 3, 4, 5], "acc": {"fog": [0.5, 0.4]}}, "5 accuracies"),
+    ({"clean_acc": 1.5, "severities": [1, 2, 3, 4, 5], "acc": {"fog": [0.5] * 5}}, "clean_acc")])
+def test_metrics_refuse_bad_input(bad, msg):
+    with pytest.raises(ValueError, match=msg): robustness_metrics(bad)
+
+def test_base_must_share_corruptions_and_severities():
+    a = {"clean_acc": 0.9, "severities": [1, 2, 3, 4, 5], "acc": {"fog": [0.8] * 5}}
+    with pytest.raises(ValueError, match="base"): robustness_metrics(a, {"clean_acc": 0.9, "severities": [1, 2, 3, 4, 5], "acc": {"snow": [0.7] * 5}})
+    with pytest.raises(ValueError, match="clean error"): robustness_metrics(a, {"clean_acc": 0.8, "severities": [1, 2, 3, 4, 5], "acc": {"fog": [0.8] * 5}})
+
+def test_benchmark_images_and_at_size_round_trip_the_digits_exactly():
+    _, test = load_dataset("digits")
+    x = test.images[:20]
+    big = benchmark_images(x)
+    assert big.shape == (20, 32, 32, 3) and big.dtype == np.uint8
+    model = small_cnn(1, 10, 8).eval()
+    with torch.no_grad():
+        direct = model(x.float() / 255)
+        wrapped = AtSize(model, 8, 1)(torch.from_numpy(big).permute(0, 3, 1, 2).float() / 255)
+    assert torch.allclose(direct, wrapped, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"): benchmark_images(x.float())
+    with pytest.raises(ValueError, match="dividing 32"): benchmark_images(torch.zeros(2, 1, 7, 7, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="channels"): AtSize(model, 8, 2)
+
+def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
+    preset = get_preset("tiny")
+    train, test = load_dataset("digits")
+    runs = run_experiment(preset, ["supervised"], seeds=[0], data=(train, test), store=tmp_path, checkpoint_dir=tmp_path / "ck")
+    s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=0)
+    m = Supervised(make_model(preset, train, 0))
+    fit(m, train, s, replace(preset.fit, seed=0), test, progress=False, device="cpu")
+    model = m.ema_model
+    rec = evaluate_run(runs[0], model, test, tmp_path, corruptions=["gaussian_noise", "contrast"])
+    assert rec["kind"] == "robustness" and list(rec["acc"]) == ["gaussian_noise", "contrast"]
+    assert rec["clean_acc"] == pytest.approx(accuracy(model, test)) == pytest.approx(runs[0]["test_acc"])
+    assert rec["acc"]["gaussian_noise"][4] < rec["clean_acc"]            # the strongest noise costs accuracy
+    assert all(0 <= a <= 1 for v in rec["acc"].values() for a in v)
+    # stored beside the run, read back on the second call, and not mistaken for a training record
+    again = evaluate_run(runs[0], None, test, tmp_path, corruptions=["gaussian_noise", "contrast"])
+    assert again == json.loads(json.dumps(rec))
+    assert [r["method"] for r in load_records(tmp_path, "tiny")] == ["supervised"]
+    metrics = robustness_metrics(rec, rec)
+    assert metrics["relative_mce"] == pytest.approx(1.0) and metrics["n_benchmark"] == 2
