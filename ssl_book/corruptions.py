@@ -698,8 +698,9 @@ def relative_mce(errors, clean_error: float, base_errors, base_clean_error: floa
     much the base model degrades: the mean over corruptions of sum_s (E[c, s] - E_clean) / sum_s (E_base[c, s] - E_base_clean)."""
     e, b = _error_matrix(errors), _error_matrix(base_errors, "base_errors")
     den = (b - base_clean_error).sum(1)
-    if np.any(den == 0):
-        raise ValueError("the base model's errors equal its clean error for some corruption; relative CE is undefined.")
+    if np.any(den <= 0):
+        raise ValueError("the base model's errors are not above its clean error for some corruption; relative CE is "
+                         "undefined (the base's degradation is its unit).")
     return float(((e - clean_error).sum(1) / den).mean())
 
 def error_table(accuracies: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -723,9 +724,10 @@ class AtSize(nn.Module):
         if channels not in (1, 3): raise ValueError(f"channels must be 1 or 3, got {channels}.")
         if size < 1: raise ValueError(f"size must be >= 1, got {size}.")
         self.model, self.size, self.channels = model, size, channels
+        self.train(model.training)                # in the model's mode: `predict` restores this mode afterwards
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels == 1: x = x.mean(1, keepdim=True)
-        if x.shape[-1] != self.size: x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        if self.size != 32: x = F.interpolate(x, size=(self.size, self.size), mode="area")   # torch.fx can trace it
         return self.model(x)
 
 def benchmark_images(images: torch.Tensor) -> np.ndarray:
@@ -765,7 +767,8 @@ def evaluate_robustness(model: nn.Module, test, data=None, corruptions=ALL_CORRU
     source = data if data is not None else (benchmark_images(test.images), test.labels.numpy())
     acc = corruption_accuracy(net, source, corruptions, severities, seed, batch_size, device=device, progress=progress, amp=amp)
     return {"clean_acc": clean, "acc": {k: [float(a) for a in v] for k, v in acc.items()}, "severities": list(severities),
-            "n_images": len(test), "seed": seed, "data": "folder" if data is not None else "on the fly"}
+            "n_images": len(test), "corruption_seed": seed, "source": "folder" if data is not None else "on the fly",
+            "amp": amp, "fast": fast}
 
 def robustness_metrics(result: dict, base: dict | None = None) -> dict:
     """The chapter's numbers from an `evaluate_robustness` result: clean error; mean corruption error over the benchmark
@@ -792,28 +795,35 @@ def robustness_metrics(result: dict, base: dict | None = None) -> dict:
         if not both or base.get("severities") != sev: raise ValueError("base must share corruptions and severities with result.")
         e = np.array([1 - table[k] for k in both]); b = np.array([1 - np.asarray(base["acc"][k]) for k in both])
         den = (b - (1 - base["clean_acc"])).sum(1)
-        if np.any(den == 0): raise ValueError("the base model's errors equal its clean error for some corruption.")
+        if np.any(den <= 0): raise ValueError("the base model's errors are not above its clean error for some corruption: "
+                                              "its degradation cannot be the unit of relative corruption error.")
         out["relative_mce"] = float(((e - out["clean_error"]).sum(1) / den).mean())
     return out
 
 def robustness_record(run: dict, result: dict) -> dict:
     "A results-store record of the evaluation `result` of the training run `run` (its record): `kind` robustness."
     keys = ("preset", "data", "method", "labels", "unlabeled", "seed", "split", "run_id", "precision")
-    return {**{k: run.get(k) for k in keys}, "kind": "robustness", "test_acc": run["test_acc"], "test_acc_raw": run["test_acc_raw"],
-            "minutes": result.get("minutes", 0.0), **result, "date": time.strftime("%Y-%m-%d")}
+    clash = set(keys) & set(result)
+    if clash: raise ValueError(f"the result must not carry the run's own fields {sorted(clash)}.")
+    return {**result, **{k: run.get(k) for k in keys}, "kind": "robustness", "test_acc": run["test_acc"],
+            "test_acc_raw": run["test_acc_raw"], "minutes": result.get("minutes", 0.0), "date": time.strftime("%Y-%m-%d")}
 
 def robustness_path(run: dict, store) -> Path:
     "store/<preset>/robustness/<method>-<labels>-s<seed>-<run id>.json: beside the run it evaluates."
     return Path(store) / run["preset"] / "robustness" / f"{run['method']}-{run['labels']}-s{run['seed']}-{run['run_id']}.json"
 
 def evaluate_run(run: dict, model: nn.Module, test, store=None, **kw) -> dict:
-    """`evaluate_robustness` of a stored run's model, read from `store` when it was done before (the same run id, seed,
-    corruptions and severities), else computed, timed and written there."""
+    """`evaluate_robustness` of a stored run's model, read from `store` when it was done before in the same way (the
+    run id, test set size, corruptions, severities, corruption seed, source, bf16 and folding), else computed, timed
+    and written there. `model` may be None when the evaluation is known to be stored."""
     path = robustness_path(run, store) if store is not None else None
-    want = (list(kw.get("corruptions", ALL_CORRUPTIONS)), list(kw.get("severities", SEVERITIES)), kw.get("seed", 0))
+    want = {"acc": list(kw.get("corruptions", ALL_CORRUPTIONS)), "severities": list(kw.get("severities", SEVERITIES)),
+            "corruption_seed": kw.get("seed", 0), "source": "folder" if kw.get("data") is not None else "on the fly",
+            "amp": kw.get("amp", False), "fast": kw.get("fast", True), "n_images": len(test)}
     if path is not None and path.exists():
         old = json.loads(path.read_text())
-        if (list(old["acc"]), old["severities"], old["seed"]) == want: return old
+        if {k: list(old[k]) if k == "acc" else old.get(k) for k in want} == want: return old
+    if model is None: raise ValueError(f"no stored evaluation of run {run['run_id']} matches, and no model was given to evaluate.")
     t = time.perf_counter()
     result = evaluate_robustness(model, test, **kw)
     rec = robustness_record(run, {**result, "minutes": (time.perf_counter() - t) / 60})

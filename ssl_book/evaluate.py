@@ -107,19 +107,19 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 def linear_probe(model: nn.Module, train: ImageSet, test: ImageSet, epochs: int = 100, lr: float = 0.1,
                  weight_decay: float = 1e-4, device=None, seed: int = 0, hidden: int = 0) -> float:
     """Test accuracy of a logistic regression trained on frozen, standardised encoder features. `hidden` > 0 trains a
-    small non-linear probe instead (Linear, ReLU, Linear with `hidden` units), as in RotNet's per-layer evaluation."""
+    small non-linear probe instead (Linear, ReLU, Linear with `hidden` units), as in RotNet's per-layer evaluation,
+    trained at `lr` / 10 (at the logistic regression's rate, an MLP on standardised features diverges)."""
     if hidden < 0: raise ValueError(f"hidden must be >= 0 (0: a linear probe), got {hidden}.")
     f_tr, f_te = extract_features(model, train.images, device=device), extract_features(model, test.images, device=device)
     mu, sd = f_tr.mean(0), f_tr.std(0).clamp_min(1e-6)
     f_tr, f_te = (f_tr - mu) / sd, (f_te - mu) / sd
     d = f_tr.shape[1]
-    with torch.random.fork_rng():                              # the probe's initial weights come from `seed` alone
+    with torch.random.fork_rng(devices=[]):                    # the probe's initial weights come from `seed` alone
         torch.manual_seed(seed)
         clf = nn.Linear(d, train.n_classes) if not hidden else \
             nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, train.n_classes))
         if not hidden:
             with torch.no_grad(): clf.weight.normal_(0, 0.01); clf.bias.zero_()
-    # an MLP on standardised features diverges at the logistic regression's rate: a tenth of it
     opt = torch.optim.Adam(clf.parameters(), lr=lr if not hidden else lr / 10, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     for _ in range(epochs):                                    # full-batch: features are small

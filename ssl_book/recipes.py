@@ -6,6 +6,7 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/recipes.html.md"""
 
 # %% ../nbs/toolkit/recipes.ipynb #c003
 from __future__ import annotations
+import copy
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,10 +36,12 @@ class StageContext:
     index: int = 0
 
     def previous_model(self) -> nn.Module:
-        "The previous stage's model to build on: its averaged weights if it kept any, else its raw weights."
+        """A copy of the previous stage's model to build on: its averaged weights if it kept any, else its raw weights.
+        A copy, so that training this stage leaves the previous stage's result as it was (a pretrained encoder stays
+        in the `RecipeResult` after fine-tuning)."""
         if self.previous is None: raise ValueError("the first stage has no previous stage to build on.")
         p = self.previous
-        return p.ema_model if p.ema_model is not None else p.eval_model()
+        return copy.deepcopy(p.ema_model if p.ema_model is not None else p.eval_model())
 
 @dataclass
 class Stage:
@@ -259,11 +262,13 @@ def pretext_recipe(name: str, pretext: type, kwargs: dict | None = None, strateg
     if not 0 < pretrain_share < 1: raise ValueError(f"pretrain_share must be in (0, 1), got {pretrain_share}.")
     if not 0 < head_share < 1: raise ValueError(f"head_share must be in (0, 1), got {head_share}.")
     if strategy == "two_stage" and preset is None: raise ValueError("a two-stage recipe needs the preset (its learning rate).")
+    if "probe" in kwargs: raise ValueError("the pretraining stage is label-free; do not pass `probe` in kwargs.")
     tag = f"{pretext.__module__}.{pretext.__qualname__}{sorted(kwargs.items())!r}"    # names the pretext in the run id
 
     def pretrain(ctx):
-        if "probe" in kwargs: raise ValueError(f"{tag}: the pretraining stage is label-free; do not pass `probe`.")
-        return pretext(ctx.new_model(), probe=False, **kwargs)
+        method = pretext(ctx.new_model(), probe=False, **kwargs)
+        if method.uses_labels: raise ValueError(f"{tag} still uses labels with probe=False; a pretraining stage must not.")
+        return method
     def head_only(ctx):
         return FineTune(with_new_head(ctx.previous_model(), ctx.previous.model.head.out_features), freeze_encoder=True)
     def finetune(ctx):

@@ -144,6 +144,7 @@ class Autoencoder(Pretext):
     inputs_per_image = 1
 
     def __init__(self, model: nn.Module, probe: bool = True, knn_k: int = 20, width: int = 64):
+        if width < 2: raise ValueError(f"width must be >= 2 (the decoder halves it), got {width}.")
         super().__init__(PretextNet(model, None), probe=probe, knn_k=knn_k)
         self.width = width
 
@@ -207,6 +208,7 @@ class BlockFeatures(nn.Module):
         if not 1 <= block <= len(blocks): raise ValueError(f"block must be in 1..{len(blocks)}, got {block}.")
         if pool < 1: raise ValueError(f"pool must be >= 1, got {pool}.")
         self.encoder = nn.Sequential(*list(encoder)[:blocks[block - 1] + 1], nn.AdaptiveAvgPool2d(pool), nn.Flatten())
+        self.train(encoder.training)              # in the encoder's mode: `predict` restores this mode afterwards
 
 def probe_blocks(model: nn.Module, train: ImageSet, test: ImageSet, hidden: int = 0, pool: int = 2, device=None) -> list[float]:
     "Test accuracy of a probe (linear, or an MLP with `hidden` units) on the pooled output of each block of `model.encoder`."

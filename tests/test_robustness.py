@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ssl_book.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, AtSize, benchmark_images, evaluate_robustness,
-                                  evaluate_run, mce, relative_mce, robustness_metrics)
+                                  evaluate_run, fast_inference, mce, relative_mce, robustness_metrics, robustness_record)
 from ssl_book.data import ImageSet, load_dataset, split
 from ssl_book.evaluate import accuracy
 from ssl_book.experiment import make_model, run_experiment
@@ -89,6 +89,10 @@ def test_benchmark_images_and_at_size_round_trip_the_digits_exactly():
     with pytest.raises(ValueError, match="uint8"): benchmark_images(x.float())
     with pytest.raises(ValueError, match="dividing 32"): benchmark_images(torch.zeros(2, 1, 7, 7, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channels"): AtSize(model, 8, 2)
+    AtSize(model, 8, 1).eval()(torch.rand(2, 3, 32, 32))
+    assert not any(mod.training for mod in model.modules())               # the wrapper starts in the model's mode
+    fast = fast_inference(AtSize(model, 8, 1))
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in fast.modules())   # traced and folded
 
 def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
     preset = get_preset("tiny")
@@ -109,3 +113,15 @@ def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
     assert [r["method"] for r in load_records(tmp_path, "tiny")] == ["supervised"]
     metrics = robustness_metrics(rec, rec)
     assert metrics["relative_mce"] == pytest.approx(1.0) and metrics["n_benchmark"] == 2
+    # another corruption seed is another evaluation: not read from the store, and without a model it is an error
+    with pytest.raises(ValueError, match="no stored evaluation"):
+        evaluate_run(runs[0], None, test, tmp_path, corruptions=["gaussian_noise", "contrast"], seed=1)
+
+def test_the_record_keeps_the_run_seed_and_data():
+    run = {"preset": "cpu", "data": "CIFAR-10 (JPEG mirror)", "method": "fixmatch", "labels": 1000, "unlabeled": 20000,
+           "seed": 2, "split": "abc", "run_id": "r1", "precision": "bf16", "test_acc": 0.6, "test_acc_raw": 0.61}
+    result = {"clean_acc": 0.6, "acc": {"fog": [0.5] * 5}, "severities": [1, 2, 3, 4, 5], "n_images": 10,
+              "corruption_seed": 0, "source": "folder", "amp": False, "fast": True}
+    rec = robustness_record(run, result)
+    assert rec["seed"] == 2 and rec["data"] == "CIFAR-10 (JPEG mirror)" and rec["corruption_seed"] == 0 and rec["kind"] == "robustness"
+    with pytest.raises(ValueError, match="run's own fields"): robustness_record(run, {**result, "seed": 0})

@@ -146,6 +146,7 @@ def test_conv_decoder_and_the_autoencoder(syn):
     out = d(torch.randn(5, 16))
     assert out.shape == (5, 3, 8, 8) and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="multiple of 4"): conv_decoder(16, 3, 10)
+    with pytest.raises(ValueError, match="width"): Autoencoder(small_cnn(3, 4, 8), width=1)
     m = Autoencoder(small_cnn(3, 4, 8))
     assert m.model.pretext_head is None
     m.setup(train, split(train.labels, 8, seed=0), torch.device("cpu"))
@@ -185,9 +186,11 @@ def test_probe_blocks_gives_one_accuracy_per_block_and_leaves_the_encoder(syn):
     train, test = syn
     m = small_cnn(3, 4, 8)
     before = copy.deepcopy(m.state_dict())
+    m.eval()
     accs = probe_blocks(m, train, test, hidden=16)
     assert len(accs) == 5 and all(0 <= a <= 1 for a in accs)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(mod.training for mod in m.modules())                   # the probes leave the model in its mode
     with pytest.raises(ValueError, match="hidden"): linear_probe(m, train, test, hidden=-1)
 
 
@@ -198,7 +201,7 @@ def test_every_pretext_and_strategy_is_registered_with_its_own_run_id():
     assert len(names) == 3 * len(PRETEXTS) and all(n in RECIPES for n in names) and "rotnet" in METHODS
     preset = get_preset("tiny")
     ids = {n: repr(RECIPES[n](preset).identity()) for n in names + ["simclr_probe"]}
-    assert ids["rotnet_probe"] != ids["jigsaw_probe"] != ids["simclr_probe"]
+    assert len(set(ids.values())) == len(ids)                              # every recipe has its own run id
     batch = lambda n: RECIPES[n](preset).stages[0].config["batch_size"]
     per_step = preset.fit.batch_size * (1 + preset.fit.mu) * 2
     assert batch("rotnet_probe") * 4 == batch("simclr_probe") * 2 == batch("autoencoder_probe") == per_step
@@ -209,6 +212,7 @@ def test_pretext_recipe_refuses_bad_input():
     with pytest.raises(ValueError, match="strategy"): pretext_recipe("x", RotNet, strategy="freeze")
     with pytest.raises(ValueError, match="pretrain_share"): pretext_recipe("x", RotNet, preset=preset, pretrain_share=1.0)
     with pytest.raises(ValueError, match="preset"): pretext_recipe("x", RotNet, strategy="two_stage")
+    with pytest.raises(ValueError, match="label-free"): pretext_recipe("x", RotNet, {"probe": True}, preset=preset)
     with pytest.raises(ValueError, match="head_share"): pretext_recipe("x", RotNet, strategy="two_stage", preset=preset, head_share=0)
 
 def _spy(recipe):
@@ -236,6 +240,8 @@ def _tiny_recipe_run(strategy):
 
 def test_feature_extraction_keeps_the_encoder_frozen_weights_and_batchnorm():
     res, seen = _tiny_recipe_run("probe")
+    # the pretraining stage's own result is kept: transfer works on a copy
+    assert res.methods[0].ema_model.encoder is not res.methods[-1].model.encoder
     after = res.methods[-1].model.encoder.state_dict()
     assert any("running_mean" in k for k in after)
     assert all(torch.equal(seen[0]["encoder"][k], v) for k, v in after.items())
