@@ -200,7 +200,9 @@ def test_the_finetune_stage_gets_the_encoder_without_the_projection_head(syn):
     from ssl_book.recipes import fit_recipe
     res = fit_recipe(simclr_recipe(preset), lambda: small_cnn(3, 4, 8), train, s, preset.fit, test, device="cpu", progress=False)
     pre, tuned = res.methods[0].model, res.method.model
-    assert not hasattr(tuned, "projector") and tuned.encoder is res.methods[0].ema_model.encoder
+    ema = res.methods[0].ema_model.encoder
+    # a copy of the pretraining stage's EMA encoder: the same network, and the pretrained weights stay in the result
+    assert not hasattr(tuned, "projector") and tuned.encoder is not ema and tuned.encoder.state_dict().keys() == ema.state_dict().keys()
     assert tuned.head is not pre.head and "test_acc" in res.history.final
 
 
