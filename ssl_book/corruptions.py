@@ -743,8 +743,8 @@ def benchmark_images(images: torch.Tensor) -> np.ndarray:
 
 def fast_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` for CPU inference: each BatchNorm folded into the convolution before it (torch.fx)
-    and channels-last memory; the same outputs up to float rounding, about 3 times as fast for the `cpu` preset's CNN
-    (bench/robustness_cost.py). A model that torch.fx cannot trace is only copied."""
+    and channels-last memory; the same outputs up to float rounding, 1.6 times as fast for the `cpu` preset's CNN at
+    the same batch size (bench/robustness_cost.py). A model that torch.fx cannot trace is only copied."""
     from torch.fx.experimental.optimization import fuse
     m = copy.deepcopy(model).eval()
     try: m = fuse(m)
