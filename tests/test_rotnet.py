@@ -106,8 +106,9 @@ def test_pretext_net_shares_encoder_and_probe_and_checks_its_input():
     with pytest.raises(ValueError, match="p_gray"): Jigsaw(small_cnn(3, 4, 8), p_gray=2.0)
     with pytest.raises(ValueError, match="knn_k"): RotNet(small_cnn(3, 4, 8), knn_k=0)
 
-@pytest.mark.parametrize("cls", [RotNet, Jigsaw])
+@pytest.mark.parametrize("cls", [SimCLR, RotNet, Jigsaw])
 def test_the_online_probe_leaves_the_encoder_untouched(syn, cls):
+    "Pretext.probe_step (every self-supervised method's online probe): no gradient, no BatchNorm update, mode restored."
     train, _ = syn
     m = cls(small_cnn(3, 4, 8))
     m.model.train()
@@ -115,7 +116,8 @@ def test_the_online_probe_leaves_the_encoder_untouched(syn, cls):
     loss, _ = m.probe_step(train.images[:16], train.labels[:16], Augmenter(0))
     loss.backward()
     assert all(p.grad is None for p in m.model.encoder.parameters()) and m.model.head.weight.grad is not None
-    assert all(torch.equal(before[k], v) for k, v in m.model.encoder.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in m.model.encoder.state_dict().items())   # BN statistics too
+    assert m.model.encoder.training                                                         # mode restored
 
 @pytest.mark.parametrize("cls, key", [(RotNet, "rot_acc"), (Jigsaw, "jigsaw_acc"), (Autoencoder, "recon")])
 def test_a_label_free_step_needs_no_labels_and_trains_the_encoder(syn, cls, key):
