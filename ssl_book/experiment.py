@@ -45,8 +45,8 @@ def make_model(preset: Preset, train: ImageSet, seed: int = 0) -> Classifier:
                        mean=mean, std=std, **preset.model_kwargs)
 
 def run_checkpoint(checkpoint_dir: str | Path, record: dict) -> Path:
-    """Where `run_one` keeps a run's checkpoints, from its record: a folder of stage checkpoints for a recipe, a .pt
-    file for a method. A chapter uses it to get a stored run's trained model back (instantly on the machine that ran it)."""
+    """Where `run_one` keeps a run's checkpoints, from its record: a folder of stage checkpoints for a recipe (stages
+    that several recipes share are also kept under `<checkpoint_dir>/<preset>/stages`), a .pt file for a method. A chapter uses it to get a stored run's trained model back (instantly on the machine that ran it)."""
     base = Path(checkpoint_dir) / record["preset"] / f"{record['method']}-{record['labels']}-s{record['seed']}-{record['run_id']}"
     return base if record["method"] in RECIPES else base.parent / f"{base.name}.pt"    # not with_suffix: names may hold dots
 
@@ -73,7 +73,8 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
                                          "run_id": rid}) if checkpoint_dir else None
     load_before, t0 = machine()["load"], time.time()
     if recipe is not None:
-        res = fit_recipe(recipe, new_model, train, s, cfg, test, device, ck, progress, preset)
+        shared = Path(checkpoint_dir) / preset.name / "stages" if checkpoint_dir else None  # recipes share their pretraining
+        res = fit_recipe(recipe, new_model, train, s, cfg, test, device, ck, progress, preset, shared_dir=shared)
         histories, settings = res.histories, res.settings()
     else:
         histories = [fit(method, train, s, cfg, test, device=device, checkpoint=ck, progress=progress)]

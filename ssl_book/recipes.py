@@ -8,6 +8,9 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/recipes.html.md"""
 from __future__ import annotations
 import copy
 import hashlib
+import json
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -20,11 +23,11 @@ from .data import ImageSet, Split
 from .evaluate import knn_eval, predict
 from .models import Classifier
 from .augment import Augmenter
-from .train import Batch, FitConfig, History, Method, Supervised, fit, register_in
+from .train import Batch, FitConfig, History, Method, Supervised, fit, register_in, run_identity
 
 # %% auto #0
-__all__ = ['RECIPES', 'STRATEGIES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'fit_recipe',
-           'register_recipe', 'with_new_head', 'FineTune', 'Pretext', 'pretext_recipe', 'Student']
+__all__ = ['RECIPES', 'STRATEGIES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'stage_key',
+           'fit_recipe', 'register_recipe', 'with_new_head', 'FineTune', 'Pretext', 'pretext_recipe', 'Student']
 
 # %% ../nbs/toolkit/recipes.ipynb #c005
 @dataclass
@@ -127,12 +130,34 @@ def stage_ema_decay(decay: float, share: float) -> float:
     if decay == 0: return 0.0
     return max(0.0, 1 - (1 - decay) / share)
 
+def stage_key(previous: str, identity: list, method: Method, train: ImageSet, split: Split, cfg: FitConfig,
+              device: torch.device | str | None = None) -> str:
+    """16 hex digits that name what a stage's result depends on: the key of the stage before it (`previous`, "" for the
+    first), the stage's identity in its recipe (`Recipe.identity()[i]`), the method's settings, the model's layers,
+    the data, the split and the stage's FitConfig. Two recipes that begin with the same stages get the same keys."""
+    run = run_identity(method, train, split, cfg, device or "cpu")
+    blob = json.dumps([previous, identity, run, repr(method.model), train.source], sort_keys=True, default=repr)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+def _link(src: Path, dst: Path) -> None:
+    "Make `dst` the same file as `src`: a hard link where the file system allows one, else a copy."
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try: os.link(src, tmp)
+    except OSError: shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
 def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageSet, split: Split, cfg: FitConfig,
                test: ImageSet | None = None, device: torch.device | str | None = None,
-               checkpoint_dir: str | Path | None = None, progress: bool = True, preset=None) -> RecipeResult:
-    "Run the recipe's stages in order, each a `fit` call with its share of cfg.steps; checkpoint each stage."
-    methods, histories, steps = [], [], recipe.budgets(cfg.steps)
-    for i, (stage, n) in enumerate(zip(recipe.stages, steps)):
+               checkpoint_dir: str | Path | None = None, progress: bool = True, preset=None,
+               shared_dir: str | Path | None = None) -> RecipeResult:
+    """Run the recipe's stages in order, each a `fit` call with its share of cfg.steps; checkpoint each stage in
+    `checkpoint_dir`. With `shared_dir` too, a finished stage is also kept there under its `stage_key`, and a stage that
+    some recipe already finished there is reloaded instead of trained: the recipes of one pretraining share it."""
+    if shared_dir is not None and checkpoint_dir is None: raise ValueError("shared_dir needs a checkpoint_dir too.")
+    methods, histories, steps, key = [], [], recipe.budgets(cfg.steps), ""
+    for i, (stage, n, ident) in enumerate(zip(recipe.stages, steps, recipe.identity())):
         torch.manual_seed(cfg.seed * 1000 + i)         # a new head built here is the same whether stage i-1 ran or resumed
         method = stage.build(StageContext(methods[-1] if methods else None, new_model, preset, i))
         if not isinstance(method, Method):
@@ -140,8 +165,14 @@ def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageS
         scfg = replace(cfg, **{"ema_decay": stage_ema_decay(cfg.ema_decay, n / cfg.steps), **stage.config,
                                "steps": n, "seed": cfg.seed + 1000 * i})
         ck = Path(checkpoint_dir) / f"{i}-{stage.name.replace(' ', '_')}.pt" if checkpoint_dir is not None else None
+        shared = None
+        if shared_dir is not None:
+            key = stage_key(key, ident, method, train, split, scfg, device)
+            shared = Path(shared_dir) / f"{key}.pt"
+            if shared.exists() and not ck.exists(): _link(shared, ck)     # finished by another recipe: fit only reloads
         histories.append(fit(method, train, split, scfg, test, device=device, checkpoint=ck, progress=progress))
         methods.append(method)
+        if shared is not None and not shared.exists(): _link(ck, shared)
     return RecipeResult(recipe, methods, histories, steps)
 
 # %% ../nbs/toolkit/recipes.ipynb #c010

@@ -279,3 +279,63 @@ def test_run_checkpoint_keeps_dots_in_method_names(tmp_path):
     rec = lambda m, rid: {"preset": "tiny", "method": m, "labels": 50, "seed": 0, "run_id": rid}
     a, b = run_checkpoint(tmp_path, rec("x_t0.1", "aaa")), run_checkpoint(tmp_path, rec("x_t0.5", "bbb"))
     assert a != b and a.name == "x_t0.1-50-s0-aaa.pt" and b.suffix == ".pt"
+
+class _FlipAgreement:
+    "A toy pretext task for the sharing tests: the features of an image and of its mirror image should agree."
+    @staticmethod
+    def make():
+        from ssl_book.recipes import Pretext
+        class FlipAgreement(Pretext):
+            name = "flip_agreement"
+            def __init__(self, model, probe=True, scale=1.0):
+                super().__init__(model, probe); self.scale = scale
+            def settings(self): return {"scale": self.scale}
+            def pretext_step(self, images, aug):
+                x = aug.weak(images)
+                f, g = self.model.encoder(x), self.model.encoder(x.flip(-1))
+                return self.scale * (f - g).pow(2).mean() - f.std(0).mean(), {}
+        return FlipAgreement
+
+def test_recipes_that_begin_alike_share_their_pretraining(tiny, tmp_path):
+    from ssl_book.recipes import pretext_recipe
+    preset, train, test, s = tiny
+    cls = _FlipAgreement.make()
+    cfg = replace(preset.fit, steps=12, eval_every=4)
+    mk = lambda: make_model(preset, train, 0)
+    run = lambda strategy, where, shared, kw=None: fit_recipe(
+        pretext_recipe(strategy, cls, kw or {}, strategy, preset), mk, train, s, cfg, test, device="cpu", progress=False,
+        checkpoint_dir=tmp_path / where, preset=preset, shared_dir=shared)
+    probe = run("probe", "probe", tmp_path / "stages")
+    assert len(list((tmp_path / "stages").glob("*.pt"))) == 2                     # pretraining and probe, by key
+    tuned = run("finetune", "finetune", tmp_path / "stages")
+    # the pretraining was reloaded, not trained again: its history, timings included, is the probe run's
+    assert tuned.histories[0].rows == probe.histories[0].rows
+    assert len(list((tmp_path / "stages").glob("*.pt"))) == 3                     # + the fine-tuning stage
+    assert (tmp_path / "finetune" / "0-pretrain.pt").exists()                     # the run's own folder is complete
+    # the oracle: the same recipe without sharing gives the same weights
+    alone = run("finetune", "alone", None)
+    a, b = alone.method.model.state_dict(), tuned.method.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # other pretext settings are another pretraining
+    other = run("probe", "other", tmp_path / "stages", {"scale": 2.0})
+    assert other.histories[0].rows != probe.histories[0].rows
+    assert len(list((tmp_path / "stages").glob("*.pt"))) == 5
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        fit_recipe(pretext_recipe("p", cls, {}, "probe", preset), mk, train, s, cfg, device="cpu", progress=False,
+                   shared_dir=tmp_path / "stages")
+
+def test_run_experiment_shares_pretraining_between_recipes(tiny, tmp_path):
+    "Two registered recipes of one pretext task on one split: the second reloads the first's pretraining."
+    from ssl_book.recipes import pretext_recipe
+    preset, train, test, s = tiny
+    cls = _FlipAgreement.make()
+    small = replace(preset, fit=replace(preset.fit, steps=9, eval_every=3))
+    for strategy in ("probe", "finetune"):
+        register_recipe(f"_flip_{strategy}", lambda p=None, st=strategy: pretext_recipe(f"_flip_{st}", cls, {}, st, p))
+    try:
+        a, b = run_experiment(small, ["_flip_probe", "_flip_finetune"], seeds=[0], data=(train, test),
+                              checkpoint_dir=tmp_path)
+    finally:
+        for strategy in ("probe", "finetune"): RECIPES.pop(f"_flip_{strategy}")
+    assert a["stage_histories"][0] == b["stage_histories"][0]
+    assert len(list((tmp_path / "tiny" / "stages").glob("*.pt"))) == 3
