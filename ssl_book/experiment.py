@@ -21,8 +21,8 @@ from .results import format_table, sort_rows, summarize   # chapters import summ
 from .train import METHODS, fit, resolve_precision
 
 # %% auto #0
-__all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_checkpoint', 'run_one', 'run_experiment', 'plot_summary',
-           'save_results', 'trained_method']
+__all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_checkpoint', 'preset_split', 'run_one', 'run_experiment',
+           'plot_summary', 'save_results', 'trained_method']
 
 # %% ../nbs/toolkit/experiment.ipynb #c004
 CHAPTER_MODULES = ("introduction", "assumptions", "consistency", "pseudo_labels", "mixmatch",
@@ -50,6 +50,13 @@ def run_checkpoint(checkpoint_dir: str | Path, record: dict) -> Path:
     base = Path(checkpoint_dir) / record["preset"] / f"{record['method']}-{record['labels']}-s{record['seed']}-{record['run_id']}"
     return base if record["method"] in RECIPES else base.parent / f"{base.name}.pt"    # not with_suffix: names may hold dots
 
+def preset_split(preset: Preset, train: ImageSet, n_labeled: int | None, seed: int) -> Split:
+    "The split `run_experiment` draws for `n_labeled` labels (None, or at least the data's size: all of them) and `seed`."
+    n_lab = len(train) if n_labeled is None or n_labeled >= len(train) else int(n_labeled)
+    rest = len(train) - n_lab - preset.n_val
+    n_unl = None if preset.n_unlabeled is None else min(preset.n_unlabeled, rest)
+    return split(train.labels, n_lab, n_unl, preset.n_val, seed=seed)
+
 def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split, seed: int,
             device: torch.device | str | None = None, progress: bool = False, store: str | Path | None = None,
             checkpoint_dir: str | Path | None = None) -> dict:
@@ -65,7 +72,12 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
                 "config": {**asdict(cfg), "seed": None, "precision": precision}}
     settings = method.settings() if method is not None else recipe.identity()
     config = {**protocol, "method": name, "settings": settings}
-    identity = {**config, "seed": seed, "split": s.digest()}
+    # label-free stages pretrain on the seed's split at the preset's own label count, whatever this run's count
+    pool = None
+    if recipe is not None and any(st.label_free for st in recipe.stages) and not len(train.unlabeled):
+        pool = preset_split(preset, train, preset.n_labeled, seed)
+        if pool.digest() == s.digest(): pool = None                # the run's own split: nothing to name
+    identity = {**config, "seed": seed, "split": s.digest(), **({"label_free_split": pool.digest()} if pool else {})}
     rid = run_id(identity)
     if store is not None and (old := find_record(store, preset.name, rid)) is not None:
         return old                                              # this exact run is already in the store
@@ -74,7 +86,8 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
     load_before, t0 = machine()["load"], time.time()
     if recipe is not None:
         shared = Path(checkpoint_dir) / preset.name / "stages" if checkpoint_dir else None  # recipes share their pretraining
-        res = fit_recipe(recipe, new_model, train, s, cfg, test, device, ck, progress, preset, shared_dir=shared)
+        res = fit_recipe(recipe, new_model, train, s, cfg, test, device, ck, progress, preset, shared_dir=shared,
+                         label_free_split=pool)
         histories, settings = res.histories, res.settings()
     else:
         histories = [fit(method, train, s, cfg, test, device=device, checkpoint=ck, progress=progress)]
@@ -84,6 +97,7 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
                          "a recipe must end with a stage that uses labels.")
     averaged = "test_acc_raw" in final             # the run kept an average (fit's EMA, or the method's own)
     record = {**{k: identity[k] for k in ("preset", "data", "method", "labels", "unlabeled", "seed", "split")},
+              **({"label_free_split": pool.digest()} if pool else {}),
               "run_id": rid, "config_id": run_id(config), "protocol_id": run_id(protocol),
               "kind": "recipe" if recipe is not None else "method", "settings": settings,
               "model": preset.model, "steps": cfg.steps, "config": asdict(cfg), "precision": precision,
@@ -116,11 +130,8 @@ def run_experiment(preset: Preset | str | None = None, methods: Sequence[str] = 
             results += [run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir) for name in methods]
         return results
     for n_labeled in labels:
-        n_lab = len(train) if n_labeled is None or n_labeled >= len(train) else int(n_labeled)
-        rest = len(train) - n_lab - preset.n_val
-        n_unl = None if preset.n_unlabeled is None else min(preset.n_unlabeled, rest)
         for seed in seeds:
-            s = split(train.labels, n_lab, n_unl, preset.n_val, seed=seed)
+            s = preset_split(preset, train, n_labeled, seed)
             for name in methods:
                 results.append(run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir))
     return results

@@ -53,6 +53,7 @@ class Stage:
     build: Callable[[StageContext], Method]
     share: float
     config: dict = field(default_factory=dict)      # e.g. {"lr": 0.01, "mu": 0}: replaces fields of the FitConfig
+    label_free: bool = False    # uses no labels; draws its images from fit_recipe's `label_free_split` where one is given
 
 @dataclass
 class Recipe:
@@ -151,10 +152,12 @@ def _link(src: Path, dst: Path) -> None:
 def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageSet, split: Split, cfg: FitConfig,
                test: ImageSet | None = None, device: torch.device | str | None = None,
                checkpoint_dir: str | Path | None = None, progress: bool = True, preset=None,
-               shared_dir: str | Path | None = None) -> RecipeResult:
+               shared_dir: str | Path | None = None, label_free_split: Split | None = None) -> RecipeResult:
     """Run the recipe's stages in order, each a `fit` call with its share of cfg.steps; checkpoint each stage in
     `checkpoint_dir`. With `shared_dir` too, a finished stage is also kept there under its `stage_key`, and a stage that
-    some recipe already finished there is reloaded instead of trained: the recipes of one pretraining share it."""
+    some recipe already finished there is reloaded instead of trained: the recipes of one pretraining share it.
+    The `label_free` stages draw their images from `label_free_split` where it is given (else from `split`), so that
+    runs at different label counts can share one pretraining."""
     if shared_dir is not None and checkpoint_dir is None: raise ValueError("shared_dir needs a checkpoint_dir too.")
     methods, histories, steps, key = [], [], recipe.budgets(cfg.steps), ""
     for i, (stage, n, ident) in enumerate(zip(recipe.stages, steps, recipe.identity())):
@@ -162,15 +165,18 @@ def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageS
         method = stage.build(StageContext(methods[-1] if methods else None, new_model, preset, i))
         if not isinstance(method, Method):
             raise ValueError(f"stage {stage.name!r} of {recipe.name!r} built {type(method).__name__}, not a Method.")
+        if stage.label_free and method.uses_labels:
+            raise ValueError(f"stage {stage.name!r} of {recipe.name!r} is marked label_free but its method uses labels.")
+        ssplit = label_free_split if stage.label_free and label_free_split is not None else split
         scfg = replace(cfg, **{"ema_decay": stage_ema_decay(cfg.ema_decay, n / cfg.steps), **stage.config,
                                "steps": n, "seed": cfg.seed + 1000 * i})
         ck = Path(checkpoint_dir) / f"{i}-{stage.name.replace(' ', '_')}.pt" if checkpoint_dir is not None else None
         shared = None
         if shared_dir is not None:
-            key = stage_key(key, ident, method, train, split, scfg, device)
+            key = stage_key(key, ident, method, train, ssplit, scfg, device)
             shared = Path(shared_dir) / f"{key}.pt"
             if shared.exists() and not ck.exists(): _link(shared, ck)     # finished by another recipe: fit only reloads
-        histories.append(fit(method, train, split, scfg, test, device=device, checkpoint=ck, progress=progress))
+        histories.append(fit(method, train, ssplit, scfg, test, device=device, checkpoint=ck, progress=progress))
         methods.append(method)
         if shared is not None and not shared.exists(): _link(ck, shared)
     return RecipeResult(recipe, methods, histories, steps)
@@ -310,7 +316,7 @@ def pretext_recipe(name: str, pretext: type, kwargs: dict | None = None, strateg
     per_step = preset.fit.batch_size * (1 + preset.fit.mu) * 2 if preset is not None else None
     big = {"batch_size": max(2, per_step // pretext.inputs_per_image)} if per_step else {}
     rest = 1 - pretrain_share
-    stages = [Stage("pretrain", pretrain, pretrain_share, big)]
+    stages = [Stage("pretrain", pretrain, pretrain_share, big, label_free=True)]
     if strategy == "probe": stages.append(Stage("probe", head_only, rest))
     elif strategy == "finetune": stages.append(Stage("finetune", finetune, rest))
     else: stages += [Stage("head", head_only, rest * head_share),

@@ -20,7 +20,7 @@ from .train import register_method
 
 # %% auto #0
 __all__ = ['nt_xent', 'contrastive_accuracy', 'alignment', 'uniformity', 'projection_head', 'SimCLRNet', 'simclr_net', 'SimCLR',
-           'register_temperatures', 'simclr_recipe']
+           'simclr_recipe', 'register_temperatures']
 
 # %% ../nbs/07_simclr.ipynb #c017
 def _check_pairs(z1: torch.Tensor, z2: torch.Tensor) -> None:
@@ -139,16 +139,6 @@ class SimCLR(Pretext):
 
 register_method("simclr", lambda model, preset=None: SimCLR(model))
 
-def register_temperatures(temperatures: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)) -> list[str]:
-    """Register the method `simclr_t<T>` (SimCLR at temperature T, everything else as `simclr`; the point written as an
-    underscore, `simclr_t0_1`, since run names become file names) for each T; return the names."""
-    names = []
-    for t in temperatures:
-        name = "simclr_t" + f"{t:g}".replace(".", "_")
-        register_method(name, lambda model, preset=None, t=t: SimCLR(model, temperature=t))
-        names.append(name)
-    return names
-
 # %% ../nbs/07_simclr.ipynb #c049
 def simclr_recipe(preset=None, freeze: bool = False, pretrain_share: float = 2 / 3, temperature: float = 0.5,
                   encoder_lr: float = 1.0, name: str | None = None) -> Recipe:
@@ -163,3 +153,15 @@ def simclr_recipe(preset=None, freeze: bool = False, pretrain_share: float = 2 /
 
 register_recipe("simclr_finetune", lambda preset=None: simclr_recipe(preset, freeze=False))
 register_recipe("simclr_probe", lambda preset=None: simclr_recipe(preset, freeze=True))
+
+# %% ../nbs/07_simclr.ipynb #c045a
+def register_temperatures(temperatures: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)) -> list[str]:
+    """Register the recipe `simclr_probe_t<T>` for each T: `simclr_probe` (label-free pretraining, then a linear probe
+    on the frozen encoder) with SimCLR at temperature T. The point is written as an underscore (`simclr_probe_t0_1`),
+    since run names become file names. Returns the names."""
+    names = []
+    for t in temperatures:
+        name = "simclr_probe_t" + f"{t:g}".replace(".", "_")
+        register_recipe(name, lambda preset=None, t=t, name=name: simclr_recipe(preset, freeze=True, temperature=t, name=name))
+        names.append(name)
+    return names

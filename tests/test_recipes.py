@@ -335,7 +335,21 @@ def test_run_experiment_shares_pretraining_between_recipes(tiny, tmp_path):
     try:
         a, b = run_experiment(small, ["_flip_probe", "_flip_finetune"], seeds=[0], data=(train, test),
                               checkpoint_dir=tmp_path)
+        assert a["stage_histories"][0] == b["stage_histories"][0]
+        assert len(list((tmp_path / "tiny" / "stages").glob("*.pt"))) == 3
+        assert "label_free_split" not in a                                  # the preset's own label count
+        # another label count: the same pretraining (the label-free stage draws from the preset's split), a new transfer
+        c, = run_experiment(small, ["_flip_finetune"], labels=[2 * small.n_labeled], seeds=[0], data=(train, test),
+                            checkpoint_dir=tmp_path)
+        assert c["labels"] == 2 * small.n_labeled and c["label_free_split"] == a["split"] != c["split"]
+        assert c["stage_histories"][0] == a["stage_histories"][0] and c["run_id"] != b["run_id"]
+        assert len(list((tmp_path / "tiny" / "stages").glob("*.pt"))) == 4
     finally:
         for strategy in ("probe", "finetune"): RECIPES.pop(f"_flip_{strategy}")
-    assert a["stage_histories"][0] == b["stage_histories"][0]
-    assert len(list((tmp_path / "tiny" / "stages").glob("*.pt"))) == 3
+
+def test_a_label_free_stage_must_not_use_labels(tiny):
+    preset, train, test, s = tiny
+    r = Recipe("r", [Stage("a", lambda ctx: Supervised(ctx.new_model()), 1.0, label_free=True)])
+    with pytest.raises(ValueError, match="label_free"):
+        fit_recipe(r, lambda: make_model(preset, train, 0), train, s, replace(preset.fit, steps=2), device="cpu",
+                   progress=False)

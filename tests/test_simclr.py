@@ -180,10 +180,17 @@ def test_registered_methods_and_recipes(syn, tmp_path):
     assert RECIPES["simclr_probe"](preset).stages[1].name == "probe"
     assert repr(r.identity()) != repr(RECIPES["simclr_probe"](preset).identity())
     with pytest.raises(ValueError, match="pretrain_share"): simclr_recipe(preset, pretrain_share=1.0)
-    names = register_temperatures((0.05, 0.1, 1.0))
-    assert names == ["simclr_t0_05", "simclr_t0_1", "simclr_t1"] and METHODS["simclr_t0_1"](small_cnn(3, 4, 8)).temperature == 0.1
+    names = register_temperatures((0.05, 0.1, 0.5, 1.0))
+    assert names == ["simclr_probe_t0_05", "simclr_probe_t0_1", "simclr_probe_t0_5", "simclr_probe_t1"]
+    from ssl_book.recipes import StageContext
+    t01 = RECIPES["simclr_probe_t0_1"](preset)
+    pre = t01.stages[0].build(StageContext(None, lambda: small_cnn(3, 4, 8), preset))
+    assert pre.temperature == 0.1 and not pre.probe and [st.name for st in t01.stages] == ["pretrain", "probe"]
+    assert repr(t01.identity()) != repr(RECIPES["simclr_probe"](preset).identity())       # another pretraining
+    # at the default temperature the stages are simclr_probe's, so the two share their pretraining
+    assert repr(RECIPES["simclr_probe_t0_5"](preset).identity()) == repr(RECIPES["simclr_probe"](preset).identity())
     paths = {run_checkpoint(tmp_path, {"preset": "tiny", "method": n, "labels": 50, "seed": 0, "run_id": "x"}) for n in names}
-    assert len(paths) == 3                                     # distinct checkpoint files (no dot in the names)
+    assert len(paths) == 4                                     # distinct checkpoint files (no dot in the names)
 
 def test_the_finetune_stage_gets_the_encoder_without_the_projection_head(syn):
     train, test = syn
