@@ -46,7 +46,8 @@ def make_model(preset: Preset, train: ImageSet, seed: int = 0) -> Classifier:
 
 def run_checkpoint(checkpoint_dir: str | Path, record: dict) -> Path:
     """Where `run_one` keeps a run's checkpoints, from its record: a folder of stage checkpoints for a recipe (stages
-    that several recipes share are also kept under `<checkpoint_dir>/<preset>/stages`), a .pt file for a method. A chapter uses it to get a stored run's trained model back (instantly on the machine that ran it)."""
+    that several recipes share are also kept under `<checkpoint_dir>/<preset>/stages`), a .pt file for a method.
+    A chapter uses it to get a stored run's trained model back (instantly on the machine that ran it)."""
     base = Path(checkpoint_dir) / record["preset"] / f"{record['method']}-{record['labels']}-s{record['seed']}-{record['run_id']}"
     return base if record["method"] in RECIPES else base.parent / f"{base.name}.pt"    # not with_suffix: names may hold dots
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import ImageSet, Split
+from .data import ImageSet, Split, default_device
 from .evaluate import knn_eval, predict
 from .models import Classifier
 from .augment import Augmenter
@@ -136,7 +136,7 @@ def stage_key(previous: str, identity: list, method: Method, train: ImageSet, sp
     """16 hex digits that name what a stage's result depends on: the key of the stage before it (`previous`, "" for the
     first), the stage's identity in its recipe (`Recipe.identity()[i]`), the method's settings, the model's layers,
     the data, the split and the stage's FitConfig. Two recipes that begin with the same stages get the same keys."""
-    run = run_identity(method, train, split, cfg, device or "cpu")
+    run = run_identity(method, train, split, cfg, device or default_device())   # the precision that will run
     blob = json.dumps([previous, identity, run, repr(method.model), train.source], sort_keys=True, default=repr)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
