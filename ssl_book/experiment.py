@@ -15,14 +15,14 @@ import torch
 from .data import ImageSet, Split, default_device, given_split, load_dataset, split
 from .models import Classifier, build_model, channel_stats
 from .presets import Preset, get_preset
-from .recipes import RECIPES, fit_recipe
+from .recipes import RECIPES, RecipeResult, fit_recipe
 from .results import find_record, machine, run_id, save_record
 from .results import format_table, sort_rows, summarize   # chapters import summarize and format_table from here
 from .train import METHODS, fit, resolve_precision
 
 # %% auto #0
 __all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_checkpoint', 'preset_split', 'run_one', 'run_experiment',
-           'plot_summary', 'save_results', 'trained_method']
+           'plot_summary', 'save_results', 'trained_method', 'trained_recipe']
 
 # %% ../nbs/toolkit/experiment.ipynb #c004
 CHAPTER_MODULES = ("introduction", "assumptions", "consistency", "pseudo_labels", "mixmatch",
@@ -167,6 +167,12 @@ def save_results(results: list[dict], preset: Preset, out_dir: str | Path, title
     return {"json": out / "results.json", "png": out / "results.png", "rows": rows}
 
 # %% ../nbs/toolkit/experiment.ipynb #c011
+def _check_steps(preset: Preset, record: dict) -> None:
+    "A record of a shorter or longer run than the preset's: the caller must pass the preset the run was made with."
+    if record.get("steps") is not None and record["steps"] != preset.fit.steps:
+        raise ValueError(f"the record is a run of {record['steps']:,} steps, the preset has {preset.fit.steps:,}: pass the "
+                         "preset the run was made with (for example replace(preset, fit=replace(preset.fit, steps=...))).")
+
 def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
                    checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None):
     """The trained `Method` of a stored run of a registered method, from its record: resumed from its last checkpoint
@@ -177,6 +183,7 @@ def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: Im
         raise ValueError(f"{name!r} is not a registered method (for a recipe, call fit_recipe with run_checkpoint).")
     if record["preset"] != preset.name:
         raise ValueError(f"the record is a {record['preset']!r} run, not one of preset {preset.name!r}.")
+    _check_steps(preset, record)
     s = (given_split(train, preset.n_val, seed) if len(train.unlabeled) else
          split(train.labels, record["labels"], record["unlabeled"], preset.n_val, seed=seed))
     if s.digest() != record["split"]:
@@ -186,3 +193,30 @@ def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: Im
     ck = run_checkpoint(checkpoint_dir, record) if checkpoint_dir is not None else None
     fit(method, train, s, replace(preset.fit, seed=seed), test, device=device, checkpoint=ck, progress=False)
     return method
+
+# %% ../nbs/toolkit/experiment.ipynb #c011r
+def trained_recipe(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
+                   checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None) -> RecipeResult:
+    """The trained stages of a stored run of a registered recipe, from its record: resumed from the stage checkpoints
+    under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split (reusing the stages
+    that other runs share there). `.method` is the final stage's method, `.methods[i]` stage i's."""
+    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    name, seed = record["method"], record["seed"]
+    if name not in RECIPES:
+        raise ValueError(f"{name!r} is not a registered recipe (for a method, call trained_method).")
+    if record["preset"] != preset.name:
+        raise ValueError(f"the record is a {record['preset']!r} run, not one of preset {preset.name!r}.")
+    _check_steps(preset, record)
+    s = (given_split(train, preset.n_val, seed) if len(train.unlabeled) else
+         preset_split(preset, train, record["labels"], seed))
+    pool = preset_split(preset, train, preset.n_labeled, seed) if "label_free_split" in record else None
+    for what, drawn, stored in [("split", s, record["split"]), ("label-free split", pool, record.get("label_free_split"))]:
+        if drawn is not None and drawn.digest() != stored:
+            raise ValueError(f"the {what} drawn for seed {seed} is not the record's ({drawn.digest()} against {stored}): "
+                             "other data or another preset.")
+    ck = run_checkpoint(checkpoint_dir, record) if checkpoint_dir is not None else None
+    shared = Path(checkpoint_dir) / preset.name / "stages" if checkpoint_dir is not None else None
+    return fit_recipe(RECIPES[name](preset), lambda: make_model(preset, train, seed), train, s,
+                      replace(preset.fit, seed=seed), test, device, ck, False, preset, shared_dir=shared,
+                      label_free_split=pool)
+

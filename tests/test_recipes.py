@@ -273,6 +273,37 @@ def test_trained_method_gives_back_the_stored_runs_model(digits, tmp_path):
     with pytest.raises(ValueError, match="not one of preset"):
         trained_method("cpu", sup, train, test)
 
+def test_trained_recipe_gives_back_every_stage_of_a_stored_run(tiny, tmp_path):
+    "A recipe's record and checkpoints give back its stages: the same final model, the shared pretraining; clear errors."
+    from ssl_book.evaluate import accuracy
+    from ssl_book.experiment import trained_method, trained_recipe
+    from ssl_book.recipes import pretext_recipe
+    preset, train, test, s = tiny
+    cls = _FlipAgreement.make()
+    small = replace(preset, fit=replace(preset.fit, steps=9, eval_every=3))
+    register_recipe("_flip_finetune", lambda p=None: pretext_recipe("_flip_finetune", cls, {}, "finetune", p))
+    try:
+        a, c = run_experiment(small, ["_flip_finetune"], labels=[small.n_labeled, 2 * small.n_labeled], seeds=[0],
+                              data=(train, test), device="cpu", checkpoint_dir=tmp_path)
+        for rec in (a, c):                                       # c: another label count, the label-free split recorded
+            back = trained_recipe(small, rec, train, test, checkpoint_dir=tmp_path, device="cpu")
+            assert [h.rows for h in back.histories] == rec["stage_histories"]        # resumed: nothing trained again
+            assert accuracy(back.method.ema_model, test) == pytest.approx(rec["test_acc"], abs=1e-6)
+            assert back.methods[0].name == cls.name
+        # without checkpoints it trains again, to the same weights (the oracle: the stored run's accuracy)
+        again = trained_recipe(small, c, train, test, checkpoint_dir=tmp_path / "elsewhere", device="cpu")
+        assert accuracy(again.method.ema_model, test) == pytest.approx(c["test_acc"], abs=1e-6)
+        with pytest.raises(ValueError, match="not a registered recipe"):
+            trained_recipe(small, {**a, "method": "supervised"}, train, test)
+        with pytest.raises(ValueError, match="not a registered method"):
+            trained_method(small, a, train, test)
+        with pytest.raises(ValueError, match="label-free split"):
+            trained_recipe(small, {**c, "label_free_split": "0" * 12}, train, test)
+        with pytest.raises(ValueError, match="steps"):
+            trained_recipe(preset, a, train, test)
+    finally:
+        RECIPES.pop("_flip_finetune")
+
 def test_run_checkpoint_keeps_dots_in_method_names(tmp_path):
     "Two methods whose names differ after a dot (temperatures, say) must not share a checkpoint file."
     from ssl_book.experiment import run_checkpoint
