@@ -167,32 +167,36 @@ def save_results(results: list[dict], preset: Preset, out_dir: str | Path, title
     return {"json": out / "results.json", "png": out / "results.png", "rows": rows}
 
 # %% ../nbs/toolkit/experiment.ipynb #c011
-def _check_steps(preset: Preset, record: dict) -> None:
-    "A record of a shorter or longer run than the preset's: the caller must pass the preset the run was made with."
+def _stored_split(preset: Preset, record: dict, train: ImageSet, kind: str) -> Split:
+    """What `trained_method` and `trained_recipe` check before they rebuild a run: that the record is one of a registered
+    `kind` ("method" or "recipe") and of this preset and step budget; returns its split, drawn again and checked."""
+    registry, other = (METHODS, "recipe") if kind == "method" else (RECIPES, "method")
+    if record["method"] not in registry:
+        raise ValueError(f"{record['method']!r} is not a registered {kind} (for a {other}, call trained_{other}).")
+    if record["preset"] != preset.name:
+        raise ValueError(f"the record is a {record['preset']!r} run, not one of preset {preset.name!r}.")
     if record.get("steps") is not None and record["steps"] != preset.fit.steps:
         raise ValueError(f"the record is a run of {record['steps']:,} steps, the preset has {preset.fit.steps:,}: pass the "
                          "preset the run was made with (for example replace(preset, fit=replace(preset.fit, steps=...))).")
+    seed = record["seed"]
+    s = (given_split(train, preset.n_val, seed) if len(train.unlabeled) else
+         preset_split(preset, train, record["labels"], seed))
+    if s.digest() != record["split"]:
+        raise ValueError(f"the split drawn for seed {seed} is not the record's ({s.digest()} against {record['split']}): "
+                         "other data or another preset.")
+    return s
 
 def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
                    checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None):
     """The trained `Method` of a stored run of a registered method, from its record: resumed from its last checkpoint
     under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split."""
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
-    name, seed = record["method"], record["seed"]
-    if name not in METHODS:
-        raise ValueError(f"{name!r} is not a registered method (for a recipe, call fit_recipe with run_checkpoint).")
-    if record["preset"] != preset.name:
-        raise ValueError(f"the record is a {record['preset']!r} run, not one of preset {preset.name!r}.")
-    _check_steps(preset, record)
-    s = (given_split(train, preset.n_val, seed) if len(train.unlabeled) else
-         split(train.labels, record["labels"], record["unlabeled"], preset.n_val, seed=seed))
-    if s.digest() != record["split"]:
-        raise ValueError(f"the split drawn for seed {seed} is not the record's ({s.digest()} against {record['split']}): "
-                         "other data or another preset.")
-    method = METHODS[name](make_model(preset, train, seed), preset)
+    s, seed = _stored_split(preset, record, train, "method"), record["seed"]
+    method = METHODS[record["method"]](make_model(preset, train, seed), preset)
     ck = run_checkpoint(checkpoint_dir, record) if checkpoint_dir is not None else None
     fit(method, train, s, replace(preset.fit, seed=seed), test, device=device, checkpoint=ck, progress=False)
     return method
+
 
 # %% ../nbs/toolkit/experiment.ipynb #c011r
 def trained_recipe(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
@@ -201,22 +205,16 @@ def trained_recipe(preset: Preset | str, record: dict, train: ImageSet, test: Im
     under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split (reusing the stages
     that other runs share there). `.method` is the final stage's method, `.methods[i]` stage i's."""
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
-    name, seed = record["method"], record["seed"]
-    if name not in RECIPES:
-        raise ValueError(f"{name!r} is not a registered recipe (for a method, call trained_method).")
-    if record["preset"] != preset.name:
-        raise ValueError(f"the record is a {record['preset']!r} run, not one of preset {preset.name!r}.")
-    _check_steps(preset, record)
-    s = (given_split(train, preset.n_val, seed) if len(train.unlabeled) else
-         preset_split(preset, train, record["labels"], seed))
-    pool = preset_split(preset, train, preset.n_labeled, seed) if "label_free_split" in record else None
-    for what, drawn, stored in [("split", s, record["split"]), ("label-free split", pool, record.get("label_free_split"))]:
-        if drawn is not None and drawn.digest() != stored:
-            raise ValueError(f"the {what} drawn for seed {seed} is not the record's ({drawn.digest()} against {stored}): "
-                             "other data or another preset.")
+    s, seed = _stored_split(preset, record, train, "recipe"), record["seed"]
+    pool = None                            # the label-free stages' split, where the record names one (run_one's rule)
+    if "label_free_split" in record:
+        pool = preset_split(preset, train, preset.n_labeled, seed)
+        if pool.digest() != record["label_free_split"]:
+            raise ValueError(f"the label-free split drawn for seed {seed} is not the record's ({pool.digest()} against "
+                             f"{record['label_free_split']}): other data or another preset.")
     ck = run_checkpoint(checkpoint_dir, record) if checkpoint_dir is not None else None
     shared = Path(checkpoint_dir) / preset.name / "stages" if checkpoint_dir is not None else None
-    return fit_recipe(RECIPES[name](preset), lambda: make_model(preset, train, seed), train, s,
+    return fit_recipe(RECIPES[record["method"]](preset), lambda: make_model(preset, train, seed), train, s,
                       replace(preset.fit, seed=seed), test, device, ck, False, preset, shared_dir=shared,
                       label_free_split=pool)
 
