@@ -152,7 +152,7 @@ def simclr_recipe(preset=None, freeze: bool = False, pretrain_share: float = 2 /
                           pretrain_share, encoder_lr=encoder_lr)
 
 register_recipe("simclr_finetune", lambda preset=None: simclr_recipe(preset, freeze=False))
-register_recipe("simclr_probe", lambda preset=None: simclr_recipe(preset, freeze=True))
+register_recipe("simclr_probe", lambda preset=None: simclr_recipe(preset, freeze=True));
 
 # %% ../nbs/07_simclr.ipynb #c045a
 def register_temperatures(temperatures: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)) -> list[str]:
