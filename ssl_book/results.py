@@ -120,12 +120,13 @@ def summarize(records: Iterable[dict], baseline: str = "supervised") -> list[dic
 def format_table(rows: list[dict]) -> str:
     "A plain-text table: method, labels, seeds, test accuracy (EMA) and raw accuracy as mean ± std, gap, minutes."
     f = lambda m, s: f"{m:6.2f} ± {s:<5.2f}" if m is not None else f"{'-':>6}   {'':<5}"
-    lines = [f"{'method':<19} {'labels':>7} {'seeds':>5} {'EMA acc (%)':>14} {'raw acc (%)':>14} "
+    w = max([19] + [len(r.get("name", r["method"])) for r in rows])          # the longest name sets the first column
+    lines = [f"{'method':<{w}} {'labels':>7} {'seeds':>5} {'EMA acc (%)':>14} {'raw acc (%)':>14} "
              f"{'vs baseline':>22} {'minutes':>8}"]
     for r in rows:
         gap = "" if r.get("vs_baseline") is None else \
               f"{r['vs_baseline']:+6.2f} {'(1 seed)' if r['clear'] is None else '(clear)' if r['clear'] else '(in spread)'}"
-        lines.append(f"{r.get('name', r['method']):<19} {r['labels']:>7,} {r['seeds']:>5} {f(r.get('ema_mean'), r.get('ema_std'))} "
+        lines.append(f"{r.get('name', r['method']):<{w}} {r['labels']:>7,} {r['seeds']:>5} {f(r.get('ema_mean'), r.get('ema_std'))} "
                      f"{f(r.get('raw_mean'), r.get('raw_std'))} {gap:>22} {r['minutes']:>8.2f}")
     return "\n".join(lines)
 
