@@ -285,6 +285,19 @@ class Pretext(Method):
 # %% ../nbs/toolkit/recipes.ipynb #c015d
 STRATEGIES = ("probe", "finetune", "two_stage")
 
+def _pretext_module(pretext: type) -> str:
+    """The module that names a pretext class in run ids. A chapter notebook defines its classes in `__main__` and the
+    package exports the same code to `ssl_book.<chapter>`: both must give one run id, or the notebook would not find the
+    runs that `ssl-book bench` stored. So a `__main__` class takes the module of the package's class of the same name."""
+    if pretext.__module__ != "__main__": return pretext.__module__
+    twins = [c.__module__ for c in _all_subclasses(Pretext)
+             if c.__qualname__ == pretext.__qualname__ and c.__module__.startswith("ssl_book.")]
+    return twins[0] if twins else pretext.__module__
+
+def _all_subclasses(cls: type) -> list[type]:
+    "Every subclass of `cls`, at any depth."
+    return [c for sub in cls.__subclasses__() for c in [sub, *_all_subclasses(sub)]]
+
 def pretext_recipe(name: str, pretext: type, kwargs: dict | None = None, strategy: str = "finetune", preset=None,
                    pretrain_share: float = 2 / 3, encoder_lr: float = 1.0, head_share: float = 0.5,
                    second_lr: float = 0.1) -> Recipe:
@@ -300,7 +313,7 @@ def pretext_recipe(name: str, pretext: type, kwargs: dict | None = None, strateg
     if not 0 < head_share < 1: raise ValueError(f"head_share must be in (0, 1), got {head_share}.")
     if strategy == "two_stage" and preset is None: raise ValueError("a two-stage recipe needs the preset (its learning rate).")
     if "probe" in kwargs: raise ValueError("the pretraining stage is label-free; do not pass `probe` in kwargs.")
-    tag = f"{pretext.__module__}.{pretext.__qualname__}{sorted(kwargs.items())!r}"    # names the pretext in the run id
+    tag = f"{_pretext_module(pretext)}.{pretext.__qualname__}{sorted(kwargs.items())!r}"   # names the pretext in the run id
 
     def pretrain(ctx):
         method = pretext(ctx.new_model(), probe=False, **kwargs)

@@ -384,3 +384,14 @@ def test_a_label_free_stage_must_not_use_labels(tiny):
     with pytest.raises(ValueError, match="label_free"):
         fit_recipe(r, lambda: make_model(preset, train, 0), train, s, replace(preset.fit, steps=2), device="cpu",
                    progress=False)
+
+def test_a_notebooks_pretext_class_gets_the_packages_run_id():
+    "A chapter notebook defines its pretext classes in __main__; its runs must have the ids of `ssl-book bench`'s runs."
+    from ssl_book.recipes import pretext_recipe
+    from ssl_book.simclr import SimCLR
+    ident = lambda cls: pretext_recipe("p", cls, {"temperature": 0.5}, "probe").identity()
+    twin = type("SimCLR", (SimCLR,), {"__module__": "__main__"})        # the notebook's class: same name, in __main__
+    assert ident(twin) == ident(SimCLR)
+    other = type("NotInThePackage", (SimCLR,), {"__module__": "__main__"})
+    assert ident(other) != ident(SimCLR)
+    assert pretext_recipe("p", SimCLR, {"temperature": 0.1}, "probe").identity() != ident(SimCLR)
