@@ -132,11 +132,17 @@ def format_table(rows: list[dict]) -> str:
 
 # %% ../nbs/toolkit/results.ipynb #c010
 def leaderboard(preset: str, store: str | Path | None = None, methods: Sequence[str] | None = None,
-                labels: int | None = None, baseline: str = "supervised") -> list[dict]:
-    "Summaries of the stored records of `preset` (baseline first, then by mean accuracy), optionally filtered."
+                labels: int | None = None, baseline: str = "supervised", steps: int | None = -1) -> list[dict]:
+    """Summaries of the stored records of `preset` (baseline first, then by mean accuracy), optionally filtered. Only
+    runs of `steps` steps count: by default (-1) the preset's own budget, so that a chapter's shorter ablation runs stay
+    off the board; None keeps every budget. Records without a step count are kept."""
+    if steps == -1:
+        from ssl_book.presets import PRESETS                       # here: presets imports this module
+        steps = PRESETS[preset].fit.steps if preset in PRESETS else None
     rs = [r for r in load_records(store or default_store(), preset)
           if (methods is None or r["method"] in methods or r["method"] == baseline)
-          and (labels is None or r["labels"] == labels)]
+          and (labels is None or r["labels"] == labels)
+          and (steps is None or r.get("steps") in (None, steps))]
     return sort_rows(summarize(rs, baseline), baseline)
 
 def sort_rows(rows: list[dict], baseline: str = "supervised") -> list[dict]:

@@ -220,6 +220,12 @@ def test_leaderboard_table_and_chart(tmp_path):
         save_record({"run_id": f"y{p}", "config_id": cid, "preset": "cpu", "method": "c", "labels": 1000, "seed": 0,
                      "precision": p, "test_acc": 0.5, "test_acc_raw": 0.5, "minutes": 1.0}, tmp_path)
     assert {r["name"] for r in leaderboard("cpu", tmp_path) if r["method"] == "c"} == {"c (fp32)", "c (bf16)"}
+    # a run at another step budget (a chapter's short ablation) stays off the board unless asked for
+    save_record({"run_id": "short", "config_id": "q", "preset": "cpu", "method": "a", "labels": 1000, "seed": 0,
+                 "steps": 500, "test_acc": 0.4, "test_acc_raw": 0.4, "minutes": 1.0}, tmp_path)
+    assert "a [q]" not in {r["name"] for r in leaderboard("cpu", tmp_path)}
+    assert "a [q]" in {r["name"] for r in leaderboard("cpu", tmp_path, steps=None)}
+    assert "a [q]" in {r["name"] for r in leaderboard("cpu", tmp_path, steps=500)}
     ax = plot_leaderboard(rows, highlight=["a"])
     assert ax.get_xlabel().startswith("test accuracy") and len(ax.patches) == 3
     assert leaderboard("cpu", tmp_path, methods=["b"])[1]["method"] == "b" and len(leaderboard("cpu", tmp_path, methods=["b"])) == 2
