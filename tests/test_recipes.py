@@ -226,6 +226,10 @@ def test_leaderboard_table_and_chart(tmp_path):
     assert "a [q]" not in {r["name"] for r in leaderboard("cpu", tmp_path)}
     assert "a [q]" in {r["name"] for r in leaderboard("cpu", tmp_path, steps=None)}
     assert "a [q]" in {r["name"] for r in leaderboard("cpu", tmp_path, steps=500)}
+    save_record({"run_id": "long", "preset": "cpu", "method": "a_method_name_longer_than_nineteen", "labels": 1000,
+                 "seed": 0, "test_acc": 0.5, "test_acc_raw": 0.5, "minutes": 1.0}, tmp_path)
+    table = format_table(leaderboard("cpu", tmp_path)).splitlines()                  # a long name keeps the columns
+    assert len({len(line) for line in table}) == 1
     ax = plot_leaderboard(rows, highlight=["a"])
     assert ax.get_xlabel().startswith("test accuracy") and len(ax.patches) == 3
     assert leaderboard("cpu", tmp_path, methods=["b"])[1]["method"] == "b" and len(leaderboard("cpu", tmp_path, methods=["b"])) == 2
