@@ -6,8 +6,8 @@ import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.neighbors import KNeighborsClassifier
 
-from ssl_book.data import make_synthetic
-from ssl_book.evaluate import (accuracy, confusion_matrix, expected_calibration_error, extract_features,
+from ssl_book.data import make_synthetic, to_unit
+from ssl_book.evaluate import (accuracy, confusion_matrix, eval_batch_size, expected_calibration_error, extract_features,
                                knn_accuracy, linear_probe, per_class_accuracy, predict)
 from ssl_book.models import small_cnn
 
@@ -70,6 +70,19 @@ def test_predict_restores_training_mode():
     assert m.training
     m.eval(); accuracy(m, data)
     assert not m.training
+
+def test_predict_does_not_depend_on_the_batch_size():
+    "Eval mode computes every image on its own: the batch size (CPU default 128) changes the speed, not the logits."
+    torch.manual_seed(0)
+    m = small_cnn(width=8, n_classes=4).train()
+    m(torch.rand(16, 3, 32, 32))                       # BatchNorm statistics away from their initial values
+    data = make_synthetic(n_per_class=40)
+    ref = torch.cat([m.eval()(to_unit(data.images[i:i + 1])) for i in range(len(data))]).detach()   # one at a time
+    for bs in (None, 1, 7, 128, 1024):
+        assert torch.allclose(predict(m, data.images, batch_size=bs), ref, atol=1e-5), bs
+    assert eval_batch_size("cpu") == 128 and eval_batch_size("cuda") == 1024
+    with pytest.raises(ValueError, match="batch_size must be"):
+        predict(m, data.images, batch_size=0)
 
 def test_linear_probe_keeps_backbone_frozen_and_batchnorm_untouched():
     data = make_synthetic(n_per_class=40, seed=2)
