@@ -812,10 +812,11 @@ def robustness_path(run: dict, store) -> Path:
     "store/<preset>/robustness/<method>-<labels>-s<seed>-<run id>.json: beside the run it evaluates."
     return Path(store) / run["preset"] / "robustness" / f"{run['method']}-{run['labels']}-s{run['seed']}-{run['run_id']}.json"
 
-def evaluate_run(run: dict, model: nn.Module, test, store=None, **kw) -> dict:
+def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, test, store=None, **kw) -> dict:
     """`evaluate_robustness` of a stored run's model, read from `store` when it was done before in the same way (the
     run id, test set size, corruptions, severities, corruption seed, source, bf16 and folding), else computed, timed
-    and written there. `model` may be None when the evaluation is known to be stored."""
+    and written there. `model` may be a function that returns the model, called only when the evaluation is not
+    stored (restoring or retraining a model to skip its evaluation would waste the time), or None."""
     path = robustness_path(run, store) if store is not None else None
     want = {"acc": list(kw.get("corruptions", ALL_CORRUPTIONS)), "severities": list(kw.get("severities", SEVERITIES)),
             "corruption_seed": kw.get("seed", 0), "source": "folder" if kw.get("data") is not None else "on the fly",
@@ -824,6 +825,7 @@ def evaluate_run(run: dict, model: nn.Module, test, store=None, **kw) -> dict:
         old = json.loads(path.read_text())
         if {k: list(old[k]) if k == "acc" else old.get(k) for k in want} == want: return old
     if model is None: raise ValueError(f"no stored evaluation of run {run['run_id']} matches, and no model was given to evaluate.")
+    if not isinstance(model, nn.Module): model = model()
     t = time.perf_counter()
     result = evaluate_robustness(model, test, **kw)
     rec = robustness_record(run, {**result, "minutes": (time.perf_counter() - t) / 60})

@@ -22,7 +22,7 @@ from .train import METHODS, fit, resolve_precision
 
 # %% auto #0
 __all__ = ['CHAPTER_MODULES', 'available_methods', 'make_model', 'run_checkpoint', 'preset_split', 'run_one', 'run_experiment',
-           'plot_summary', 'save_results', 'trained_method', 'trained_recipe']
+           'plot_summary', 'save_results', 'trained_method', 'trained_recipe', 'trained_model']
 
 # %% ../nbs/toolkit/experiment.ipynb #c004
 CHAPTER_MODULES = ("introduction", "assumptions", "consistency", "pseudo_labels", "mixmatch",
@@ -217,4 +217,15 @@ def trained_recipe(preset: Preset | str, record: dict, train: ImageSet, test: Im
     return fit_recipe(RECIPES[record["method"]](preset), lambda: make_model(preset, train, seed), train, s,
                       replace(preset.fit, seed=seed), test, device, ck, False, preset, shared_dir=shared,
                       label_free_split=pool)
+
+def trained_model(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
+                  checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
+    """The model whose accuracy a stored run reports as `test_acc`, for a registered method or recipe alike: the
+    averaged weights (fit's EMA, or the method's own teacher), else the trained ones, of the method or the recipe's
+    last stage; through `trained_method` or `trained_recipe`, so from checkpoints where there are some."""
+    if record.get("method") in RECIPES:
+        method = trained_recipe(preset, record, train, test, checkpoint_dir, device).method
+    else:
+        method = trained_method(preset, record, train, test, checkpoint_dir, device)
+    return method.ema_model if method.ema_model is not None else method.eval_model()
 

@@ -267,7 +267,7 @@ def test_trained_method_gives_back_the_stored_runs_model(digits, tmp_path):
     "From a record and its checkpoint: the same model (the record's accuracy, exactly), no training; clear errors else."
     from dataclasses import replace
     from ssl_book.evaluate import accuracy
-    from ssl_book.experiment import trained_method
+    from ssl_book.experiment import trained_method, trained_model
     from ssl_book.presets import get_preset
     preset = get_preset("tiny")
     preset = replace(preset, fit=replace(preset.fit, steps=12, eval_every=6))
@@ -276,6 +276,9 @@ def test_trained_method_gives_back_the_stored_runs_model(digits, tmp_path):
                              checkpoint_dir=tmp_path)
     back = trained_method(preset, sup, train, test, checkpoint_dir=tmp_path)
     assert accuracy(back.ema_model, test) == pytest.approx(sup["test_acc"], abs=1e-6)
+    for rec in (sup, ts):                 # trained_model: the model behind test_acc (EMA, not raw), method or recipe
+        assert accuracy(trained_model(preset, rec, train, test, checkpoint_dir=tmp_path), test) == \
+            pytest.approx(rec["test_acc"], abs=1e-6)
     with pytest.raises(ValueError, match="not a registered method"):
         trained_method(preset, ts, train, test, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="not the record's"):

@@ -12,7 +12,7 @@ from ssl_book.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, AtSi
                                   evaluate_run, fast_inference, mce, relative_mce, robustness_metrics, robustness_record)
 from ssl_book.data import ImageSet, load_dataset, split
 from ssl_book.evaluate import accuracy
-from ssl_book.experiment import make_model, run_experiment
+from ssl_book.experiment import make_model, run_experiment, trained_model
 from ssl_book.models import small_cnn
 from ssl_book.presets import get_preset
 from ssl_book.results import load_records
@@ -102,7 +102,12 @@ def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
     m = Supervised(make_model(preset, train, 0))
     fit(m, train, s, replace(preset.fit, seed=0), test, progress=False, device="cpu")
     model = m.ema_model
-    rec = evaluate_run(runs[0], model, test, tmp_path, corruptions=["gaussian_noise", "contrast"])
+    calls = []
+    def restore():                                          # the model, lazily: only when the evaluation is not stored
+        calls.append(1)
+        return trained_model(preset, runs[0], train, test, checkpoint_dir=tmp_path / "ck")
+    rec = evaluate_run(runs[0], restore, test, tmp_path, corruptions=["gaussian_noise", "contrast"])
+    assert calls == [1]
     assert rec["kind"] == "robustness" and list(rec["acc"]) == ["gaussian_noise", "contrast"]
     assert rec["clean_acc"] == pytest.approx(accuracy(model, test)) == pytest.approx(runs[0]["test_acc"])
     assert rec["acc"]["gaussian_noise"][4] < rec["clean_acc"]            # the strongest noise costs accuracy
@@ -110,6 +115,8 @@ def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
     # stored beside the run, read back on the second call, and not mistaken for a training record
     again = evaluate_run(runs[0], None, test, tmp_path, corruptions=["gaussian_noise", "contrast"])
     assert again == json.loads(json.dumps(rec))
+    assert evaluate_run(runs[0], restore, test, tmp_path, corruptions=["gaussian_noise", "contrast"]) == again
+    assert calls == [1]                                      # stored: the model was not restored again
     assert [r["method"] for r in load_records(tmp_path, "tiny")] == ["supervised"]
     metrics = robustness_metrics(rec, rec)
     assert metrics["relative_mce"] == pytest.approx(1.0) and metrics["n_benchmark"] == 2
