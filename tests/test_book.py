@@ -66,3 +66,44 @@ def test_nbdev_settings():
     assert nbdev["nbs_path"] == "nbs" and nbdev["doc_path"] == "_docs" and nbdev["tst_flags"] == "notest slow"
     assert "nbgrader" in nbdev["allowed_cell_metadata_keys"] and "colab" in nbdev["allowed_metadata_keys"]
     assert cfg["project"]["scripts"]["ssl-book"] == "ssl_book.cli:main"
+
+def _code(cell) -> "ast.Module | None":
+    "The cell's Python (directives, magics and shell lines dropped), or None where it does not parse."
+    import ast
+    lines = [l for l in cell.source.split("\n") if not l.lstrip().startswith(("#|", "!", "%"))]
+    try: return ast.parse("\n".join(lines))
+    except SyntaxError: return None
+
+def _bound_outside_functions(tree) -> set[str]:
+    "Names a cell binds at module level (in loops and branches too; not inside functions, classes or lambdas)."
+    import ast
+    out = set()
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out.add(node.name); return
+        if isinstance(node, ast.Lambda): return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store): out.add(node.id)
+        for child in ast.iter_child_nodes(node): visit(child)
+    visit(tree)
+    return out
+
+@pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT, ids=lambda p: p.stem)
+def test_no_cell_rebinds_a_name_the_exported_code_reads(nb):
+    """In a notebook, exported functions look their helpers up in the notebook's namespace. A later cell that assigns
+    the same name (an exercise's `_out = ...`) breaks them for every cell after it: in the package all is well, so only
+    a reader running the chapter top to bottom sees the error."""
+    import ast
+    exported, read, rebound = set(), set(), {}
+    for cell in _cells(nb):
+        tree = _code(cell) if cell.cell_type == "code" else None
+        if tree is None: continue
+        if cell.source.startswith("#| export"):
+            for node in tree.body:                        # the module-level names the package defines
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): exported.add(node.name)
+                elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                    for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                        exported |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+            read |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        else:
+            for name in _bound_outside_functions(tree): rebound.setdefault(name, []).append(cell.get("id"))
+    clash = {name: cells for name, cells in rebound.items() if name in exported and name in read}
+    assert not clash, f"cells rebind names that exported code reads (rename them): {clash}"
