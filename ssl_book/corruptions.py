@@ -642,7 +642,7 @@ def load_cifar10c(root: str | Path, name: str, severity: int) -> tuple[np.ndarra
 
 # %% ../nbs/09_robustness.ipynb #c050
 def corruption_accuracy(model, data, corruptions=CORRUPTIONS, severities=SEVERITIES, seed: int = 0,
-                        batch_size: int = 1024, device=None, progress: bool = True, amp: bool = False) -> dict[str, np.ndarray]:
+                        batch_size: int | None = None, device=None, progress: bool = True, amp: bool = False) -> dict[str, np.ndarray]:
     """Top-1 accuracy of `model` for every corruption and severity: {name: array of len(severities)}, in the given order.
 
     `data` is a CIFAR-10-C folder (ours or the released one), or a pair (images uint8 [N, 32, 32, 3], labels), which
@@ -825,7 +825,10 @@ def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, t
         old = json.loads(path.read_text())
         if {k: list(old[k]) if k == "acc" else old.get(k) for k in want} == want: return old
     if model is None: raise ValueError(f"no stored evaluation of run {run['run_id']} matches, and no model was given to evaluate.")
-    if not isinstance(model, nn.Module): model = model()
+    if not isinstance(model, nn.Module):
+        if not callable(model): raise ValueError(f"model must be an nn.Module or a function that returns one, got {type(model).__name__}.")
+        model = model()
+        if not isinstance(model, nn.Module): raise ValueError(f"the model function returned a {type(model).__name__}, not an nn.Module.")
     t = time.perf_counter()
     result = evaluate_robustness(model, test, **kw)
     rec = robustness_record(run, {**result, "minutes": (time.perf_counter() - t) / 60})

@@ -18,7 +18,8 @@ __all__ = ['eval_batch_size', 'predict', 'accuracy', 'confusion_matrix', 'per_cl
 # %% ../nbs/toolkit/evaluate.ipynb #c004
 def eval_batch_size(device: torch.device | str) -> int:
     """Images per inference batch: 128 on the CPU, where a small CNN's activations then stay in the cache (2.2 times
-    as fast as batches of 1,024 in bench/RESULTS.md, with the same logits), and 1,024 on an accelerator."""
+    as fast as batches of 1,024 in bench/RESULTS.md, with the same logits up to float rounding), and 1,024 on an
+    accelerator."""
     return 128 if torch.device(device).type == "cpu" else 1024
 
 @torch.no_grad()

@@ -171,6 +171,7 @@ def _stored_split(preset: Preset, record: dict, train: ImageSet, kind: str) -> S
     """What `trained_method` and `trained_recipe` check before they rebuild a run: that the record is one of a registered
     `kind` ("method" or "recipe") and of this preset and step budget; returns its split, drawn again and checked."""
     registry, other = (METHODS, "recipe") if kind == "method" else (RECIPES, "method")
+    if record["method"] not in registry: available_methods()      # a chapter's method: register its module's first
     if record["method"] not in registry:
         raise ValueError(f"{record['method']!r} is not a registered {kind} (for a {other}, call trained_{other}).")
     if record["preset"] != preset.name:
@@ -189,7 +190,8 @@ def _stored_split(preset: Preset, record: dict, train: ImageSet, kind: str) -> S
 def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
                    checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None):
     """The trained `Method` of a stored run of a registered method, from its record: resumed from its last checkpoint
-    under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split."""
+    under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split: the record's model
+    again on the same machine, precision and number of threads, a close one elsewhere (float rounding differs)."""
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     s, seed = _stored_split(preset, record, train, "method"), record["seed"]
     method = METHODS[record["method"]](make_model(preset, train, seed), preset)
@@ -220,9 +222,10 @@ def trained_recipe(preset: Preset | str, record: dict, train: ImageSet, test: Im
 
 def trained_model(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
                   checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
-    """The model whose accuracy a stored run reports as `test_acc`, for a registered method or recipe alike: the
-    averaged weights (fit's EMA, or the method's own teacher), else the trained ones, of the method or the recipe's
-    last stage; through `trained_method` or `trained_recipe`, so from checkpoints where there are some."""
+    """The model behind a stored run's `test_acc`, for a registered method or recipe alike: the averaged weights (fit's
+    EMA, or the method's own teacher), else the trained ones, of the method or the recipe's last stage. Through
+    `trained_method` or `trained_recipe`: exactly the record's model from checkpoints, trained again without them."""
+    if record.get("method") not in RECIPES: available_methods()        # register the chapters' recipes
     if record.get("method") in RECIPES:
         method = trained_recipe(preset, record, train, test, checkpoint_dir, device).method
     else:

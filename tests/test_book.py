@@ -74,36 +74,50 @@ def _code(cell) -> "ast.Module | None":
     try: return ast.parse("\n".join(lines))
     except SyntaxError: return None
 
-def _bound_outside_functions(tree) -> set[str]:
-    "Names a cell binds at module level (in loops and branches too; not inside functions, classes or lambdas)."
+def _imported(node) -> dict[str, str]:
+    "{bound name: what it names} for an import statement; relative and package-absolute imports of ours agree."
     import ast
-    out = set()
+    if isinstance(node, ast.Import): return {(a.asname or a.name).split(".")[0]: a.name for a in node.names}
+    base = "ssl_book." * (node.level > 0) + (node.module or "")
+    return {a.asname or a.name: f"{base}.{a.name}" for a in node.names}
+
+def _bindings(tree) -> dict[str, str | None]:
+    """Names a cell binds at module level (in loops and branches too; not inside functions, classes, lambdas or
+    comprehensions), each with what an import binds it to, or None for any other binding."""
+    import ast
+    out = {}
     def visit(node):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out.add(node.name); return
-        if isinstance(node, ast.Lambda): return
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store): out.add(node.id)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out[node.name] = None; return
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)): return
+        if isinstance(node, (ast.Import, ast.ImportFrom)): out.update(_imported(node)); return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store): out[node.id] = None
+        if isinstance(node, ast.ExceptHandler) and node.name: out[node.name] = None
         for child in ast.iter_child_nodes(node): visit(child)
     visit(tree)
     return out
 
 @pytest.mark.parametrize("nb", CHAPTERS + TOOLKIT, ids=lambda p: p.stem)
 def test_no_cell_rebinds_a_name_the_exported_code_reads(nb):
-    """In a notebook, exported functions look their helpers up in the notebook's namespace. A later cell that assigns
-    the same name (an exercise's `_out = ...`) breaks them for every cell after it: in the package all is well, so only
-    a reader running the chapter top to bottom sees the error."""
+    """In a notebook, exported functions look their helpers up in the notebook's namespace. A later cell that binds
+    the same name to something else (an exercise's `_out = ...`, a `def predict`, an import of another `split`) breaks
+    them for every cell after it: in the package all is well, so only a reader running the chapter top to bottom sees
+    the error. Importing the same object again is fine."""
     import ast
-    exported, read, rebound = set(), set(), {}
+    exported, read, rebound = {}, set(), {}
     for cell in _cells(nb):
         tree = _code(cell) if cell.cell_type == "code" else None
         if tree is None: continue
         if cell.source.startswith("#| export"):
-            for node in tree.body:                        # the module-level names the package defines
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): exported.add(node.name)
+            for node in tree.body:                        # the module-level names the package defines or imports
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): exported[node.name] = None
+                elif isinstance(node, (ast.Import, ast.ImportFrom)): exported.update(_imported(node))
                 elif isinstance(node, (ast.Assign, ast.AnnAssign)):
                     for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                        exported |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+                        exported.update({n.id: None for n in ast.walk(t) if isinstance(n, ast.Name)})
             read |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            read |= {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
         else:
-            for name in _bound_outside_functions(tree): rebound.setdefault(name, []).append(cell.get("id"))
-    clash = {name: cells for name, cells in rebound.items() if name in exported and name in read}
-    assert not clash, f"cells rebind names that exported code reads (rename them): {clash}"
+            for name, what in _bindings(tree).items():
+                if name in exported and name in read and (what is None or what != exported[name]):
+                    rebound.setdefault(name, []).append(cell.get("id"))
+    assert not rebound, f"cells rebind names that exported code reads (rename them): {rebound}"

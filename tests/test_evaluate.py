@@ -81,6 +81,9 @@ def test_predict_does_not_depend_on_the_batch_size():
     for bs in (None, 1, 7, 128, 1024):
         assert torch.allclose(predict(m, data.images, batch_size=bs), ref, atol=1e-5), bs
     assert eval_batch_size("cpu") == 128 and eval_batch_size("cuda") == 1024
+    sizes = []                                         # the default is what predict uses: batches of 128 at most
+    predict(m, torch.zeros(300, 3, 32, 32, dtype=torch.uint8), fn=lambda net, x: (sizes.append(len(x)), net(x))[1])
+    assert sizes == [128, 128, 44]
     with pytest.raises(ValueError, match="batch_size must be"):
         predict(m, data.images, batch_size=0)
 

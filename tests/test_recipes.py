@@ -408,3 +408,15 @@ def test_a_notebooks_pretext_class_gets_the_packages_run_id():
     other = type("NotInThePackage", (SimCLR,), {"__module__": "__main__"})
     assert ident(other) != ident(SimCLR)
     assert pretext_recipe("p", SimCLR, {"temperature": 0.1}, "probe").identity() != ident(SimCLR)
+
+def test_trained_model_registers_the_chapters_in_a_fresh_process():
+    "A chapter's method or recipe is known to trained_model before any chapter module was imported by hand."
+    import subprocess, sys
+    code = ("from ssl_book.experiment import trained_model\n"
+            "for m in ('fixmatch', 'rotnet_finetune'):\n"
+            "    try: trained_model('tiny', {'method': m, 'preset': 'cpu', 'seed': 0}, None)\n"
+            "    except ValueError as e: print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().split("\n")
+    assert len(lines) == 2 and all("not one of preset 'tiny'" in line for line in lines), lines   # not "not registered"

@@ -120,6 +120,10 @@ def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
     assert [r["method"] for r in load_records(tmp_path, "tiny")] == ["supervised"]
     metrics = robustness_metrics(rec, rec)
     assert metrics["relative_mce"] == pytest.approx(1.0) and metrics["n_benchmark"] == 2
+    with pytest.raises(ValueError, match="nn.Module or a function"):       # a Method, say, instead of its model
+        evaluate_run(runs[0], object(), test, tmp_path, corruptions=["gaussian_noise"], seed=2)
+    with pytest.raises(ValueError, match="not an nn.Module"):
+        evaluate_run(runs[0], lambda: m, test, tmp_path, corruptions=["gaussian_noise"], seed=2)
     # another corruption seed is another evaluation: not read from the store, and without a model it is an error
     with pytest.raises(ValueError, match="no stored evaluation"):
         evaluate_run(runs[0], None, test, tmp_path, corruptions=["gaussian_noise", "contrast"], seed=1)
