@@ -30,7 +30,7 @@ __all__ = ['CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'ALL_CORRUPTIONS', 'SEVERITIES', 
            'jpeg_compression', 'elastic_transform', 'spatter', 'corrupt', 'corrupt_batch', 'job_seed', 'make_cifar10c',
            'load_cifar10c', 'corruption_accuracy', 'mce', 'relative_mce', 'error_table', 'format_table', 'AtSize',
            'benchmark_images', 'fast_inference', 'evaluate_robustness', 'robustness_metrics', 'robustness_record',
-           'robustness_path', 'evaluate_run']
+           'robustness_path', 'stage_runs', 'evaluate_run']
 
 # %% ../nbs/09_robustness.ipynb #c008
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
@@ -811,6 +811,22 @@ def robustness_record(run: dict, result: dict) -> dict:
 def robustness_path(run: dict, store) -> Path:
     "store/<preset>/robustness/<method>-<labels>-s<seed>-<run id>.json: beside the run it evaluates."
     return Path(store) / run["preset"] / "robustness" / f"{run['method']}-{run['labels']}-s{run['seed']}-{run['run_id']}.json"
+
+def stage_runs(run: dict) -> list[dict]:
+    """One run per stage of a stored recipe run (Noisy Student's rounds: the teacher, then each student), each to
+    evaluate on its own: the record's fields, the method named `<recipe>_round<i>`, `stage` i, and the stage's own
+    final accuracies from `stage_histories`. Its model is `trained_model(..., stage=i)`."""
+    hist = run.get("stage_histories")
+    if not hist: raise ValueError(f"run {run.get('method')!r} has no stage_histories: it is not a recipe run.")
+    out = []
+    for i, h in enumerate(hist):
+        last = next((row for row in reversed(h) if "test_acc" in row), None)
+        if last is None: raise ValueError(f"stage {i} of {run['method']!r} was not evaluated on a test set (a label-free stage?).")
+        names = [s.get("stage") for s in (run.get("settings") or {}).get("stages", [])]
+        out.append({**run, "method": f"{run['method']}_round{i}", "stage": i, "stage_name": names[i] if i < len(names) else None,
+                    "test_acc": last["test_acc"],
+                    "test_acc_raw": last.get("test_acc_raw", last["test_acc"]), "stage_histories": None})
+    return out
 
 def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, test, store=None, **kw) -> dict:
     """`evaluate_robustness` of a stored run's model, read from `store` when it was done before in the same way (the

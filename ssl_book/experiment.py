@@ -221,13 +221,20 @@ def trained_recipe(preset: Preset | str, record: dict, train: ImageSet, test: Im
                       label_free_split=pool)
 
 def trained_model(preset: Preset | str, record: dict, train: ImageSet, test: ImageSet | None = None,
-                  checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
+                  checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None,
+                  stage: int = -1) -> torch.nn.Module:
     """The model behind a stored run's `test_acc`, for a registered method or recipe alike: the averaged weights (fit's
-    EMA, or the method's own teacher), else the trained ones, of the method or the recipe's last stage. Through
-    `trained_method` or `trained_recipe`: exactly the record's model from checkpoints, trained again without them."""
+    EMA, or the method's own teacher), else the trained ones, of the method or of the recipe's stage `stage` (the
+    last by default; each stage's accuracy is in the record's `stage_histories`). Through `trained_method` or
+    `trained_recipe`: exactly the record's model from checkpoints, trained again without them."""
     if record.get("method") not in RECIPES: available_methods()        # register the chapters' recipes
     if record.get("method") in RECIPES:
-        method = trained_recipe(preset, record, train, test, checkpoint_dir, device).method
+        methods = trained_recipe(preset, record, train, test, checkpoint_dir, device).methods
+        if not -len(methods) <= stage < len(methods):
+            raise ValueError(f"stage must be in -{len(methods)}..{len(methods) - 1} for {record['method']!r}, got {stage}.")
+        method = methods[stage]
+    elif stage not in (0, -1):
+        raise ValueError(f"{record['method']!r} is a method, a single stage: stage must be 0 or -1, got {stage}.")
     else:
         method = trained_method(preset, record, train, test, checkpoint_dir, device)
     return method.ema_model if method.ema_model is not None else method.eval_model()

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from ssl_book.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, AtSize, benchmark_images, evaluate_robustness,
-                                  evaluate_run, fast_inference, mce, relative_mce, robustness_metrics, robustness_record)
+                                  evaluate_run, fast_inference, mce, relative_mce, robustness_metrics, robustness_path,
+                                  robustness_record, stage_runs)
 from ssl_book.data import ImageSet, load_dataset, split
 from ssl_book.evaluate import accuracy
 from ssl_book.experiment import make_model, run_experiment, trained_model
@@ -136,3 +137,23 @@ def test_the_record_keeps_the_run_seed_and_data():
     rec = robustness_record(run, result)
     assert rec["seed"] == 2 and rec["data"] == "CIFAR-10 (JPEG mirror)" and rec["corruption_seed"] == 0 and rec["kind"] == "robustness"
     with pytest.raises(ValueError, match="run's own fields"): robustness_record(run, {**result, "seed": 0})
+
+def test_every_round_of_noisy_student_is_a_model_of_its_own(tmp_path):
+    "stage_runs and trained_model(stage=i): each round's model gives the accuracy its stage reported (the oracle)."
+    preset = get_preset("tiny")
+    small = replace(preset, fit=replace(preset.fit, steps=30, eval_every=10))
+    train, test = load_dataset("digits")
+    run = run_experiment(small, ["noisy_student"], seeds=[0], data=(train, test), store=tmp_path,
+                         checkpoint_dir=tmp_path / "ck")[0]
+    rounds = stage_runs(run)
+    assert [r["method"] for r in rounds] == [f"noisy_student_round{i}" for i in range(3)]
+    assert [r["stage_name"] for r in rounds] == ["teacher", "student 1 (x1)", "student 2 (x1.5)"]
+    assert rounds[-1]["test_acc"] == run["test_acc"] and rounds[0]["run_id"] == run["run_id"]
+    for r in rounds:
+        model = trained_model(small, run, train, test, checkpoint_dir=tmp_path / "ck", stage=r["stage"])
+        assert accuracy(model, test) == pytest.approx(r["test_acc"], abs=1e-6)
+    assert len({str(robustness_path(r, tmp_path)) for r in rounds}) == 3          # three records, side by side
+    with pytest.raises(ValueError, match="not a recipe run"):
+        stage_runs({"method": "supervised", "stage_histories": None})
+    with pytest.raises(ValueError, match="stage must be in"):
+        trained_model(small, run, train, test, checkpoint_dir=tmp_path / "ck", stage=3)
