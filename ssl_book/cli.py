@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--store", default=None, help="results store for one record per run (e.g. nbs/results); reused when present")
     b.add_argument("--checkpoints", default=None, help="folder for checkpoints; an interrupted run resumes from its last one")
     b.add_argument("--progress", action="store_true", help="show a progress bar")
+    b.add_argument("--robustness", action="store_true",
+                   help="also evaluate every run's model on CIFAR-10-C (Chapter 9); stored with --store")
+    b.add_argument("--corruptions", nargs="+", default=None, help="with --robustness: these corruptions (default: all 19)")
     t = sub.add_parser("train", help="train one method on your own images and save the model",
                        description="Train a registered method on a folder of images (root/train/<class>/, optional "
                                    "root/unlabeled/ and root/test/<class>/, or root/labels.csv) and save the model.")
@@ -85,6 +88,10 @@ def _bench(args) -> int:
     if args.data: preset = replace(preset, data=args.data)
     if args.steps is not None: preset = replace(preset, fit=replace(preset.fit, steps=args.steps))
     data = load_dataset(preset.data, root=args.root) if args.root else None
+    if args.robustness and args.corruptions:               # a typo fails now, not after the training
+        from ssl_book.corruptions import ALL_CORRUPTIONS
+        unknown = [c for c in args.corruptions if c not in ALL_CORRUPTIONS]
+        if unknown: raise ValueError(f"unknown corruptions {unknown}; choose from {', '.join(ALL_CORRUPTIONS)}.")
     print(preset.describe(), flush=True)
     methods = args.methods or ["supervised"] + [m for m in available_methods() if m != "supervised"]
     print(f"methods: {', '.join(methods)}; seeds: {' '.join(map(str, args.seeds))}", flush=True)
@@ -93,7 +100,26 @@ def _bench(args) -> int:
     paths = save_results(results, preset, args.out)
     print(format_table(paths["rows"]))
     print(f"wrote {paths['json']} and {paths['png']}")
+    if args.robustness: _robustness(args, preset, results, data)
     return 0
+
+def _robustness(args, preset, results: list[dict], data) -> None:
+    "Chapter 9's evaluation of every run of `results` (Noisy Student round by round), printed and stored with --store."
+    from ssl_book.corruptions import ALL_CORRUPTIONS, cifar10c_folder, evaluate_runs, robustness_metrics
+    from ssl_book.data import default_device, load_dataset
+    from ssl_book.train import resolve_precision
+    train, test = data if data is not None else load_dataset(preset.data)
+    kw = {"corruptions": list(args.corruptions or ALL_CORRUPTIONS),
+          "amp": resolve_precision(preset.fit.precision, default_device()) == "bf16"}
+    if tuple(test.images.shape[1:]) == (3, 32, 32): kw["data"] = cifar10c_folder(test, kw["corruptions"])
+    print(f"robustness: {len(kw['corruptions'])} corruptions x 5 severities, "
+          f"{'from the cached CIFAR-10-C folder' if 'data' in kw else 'corrupted on the fly'}", flush=True)
+    pct = lambda v: f"{100 * v:6.2f}" if v is not None else "     -"
+    print(f"{'model':<24} {'labels':>6} {'seed':>4} {'clean error':>12} {'mean corr. error':>17} {'sev-5 acc':>10} {'minutes':>8}")
+    for e in evaluate_runs(preset, results, train, test, args.store, args.checkpoints, **kw):
+        m = robustness_metrics(e)
+        print(f"{e['method']:<24} {e['labels']:>6,} {e['seed']:>4} {pct(m['clean_error']):>12} {pct(m['mce']):>17} "
+              f"{pct(m['sev5_acc']):>10} {e['minutes']:>8.1f}", flush=True)
 
 def main_module() -> None:
     "Run `main` when the package runs as `python -m ssl_book`; do nothing elsewhere (a notebook, the docs build)."

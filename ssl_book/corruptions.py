@@ -23,14 +23,14 @@ from .evaluate import predict
 
 # %% auto #0
 __all__ = ['CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'ALL_CORRUPTIONS', 'SEVERITIES', 'FROST_FILES', 'FROST_WHEEL', 'FROST_SHA256',
-           'RANDOM_CORRUPTIONS', 'Draws', 'GeneratorDraws', 'as_draws', 'gaussian_noise', 'shot_noise', 'impulse_noise',
-           'speckle_noise', 'disk_kernel', 'defocus_blur', 'gaussian_blur', 'glass_blur', 'zoom_crop', 'zoom_blur',
-           'motion_kernel', 'motion_blur_image', 'motion_blur', 'snow', 'frost', 'fetch_frost', 'frost_textures',
-           'plasma_fractal', 'fog', 'rgb2hsv', 'hsv2rgb', 'brightness', 'saturate', 'contrast', 'pixelate',
-           'jpeg_compression', 'elastic_transform', 'spatter', 'corrupt', 'corrupt_batch', 'job_seed', 'make_cifar10c',
-           'load_cifar10c', 'corruption_accuracy', 'mce', 'relative_mce', 'error_table', 'format_table', 'AtSize',
-           'benchmark_images', 'fast_inference', 'evaluate_robustness', 'robustness_metrics', 'robustness_record',
-           'robustness_path', 'stage_runs', 'evaluate_run']
+           'RANDOM_CORRUPTIONS', 'ROUND_RECIPES', 'Draws', 'GeneratorDraws', 'as_draws', 'gaussian_noise', 'shot_noise',
+           'impulse_noise', 'speckle_noise', 'disk_kernel', 'defocus_blur', 'gaussian_blur', 'glass_blur', 'zoom_crop',
+           'zoom_blur', 'motion_kernel', 'motion_blur_image', 'motion_blur', 'snow', 'frost', 'fetch_frost',
+           'frost_textures', 'plasma_fractal', 'fog', 'rgb2hsv', 'hsv2rgb', 'brightness', 'saturate', 'contrast',
+           'pixelate', 'jpeg_compression', 'elastic_transform', 'spatter', 'corrupt', 'corrupt_batch', 'job_seed',
+           'make_cifar10c', 'load_cifar10c', 'corruption_accuracy', 'mce', 'relative_mce', 'error_table',
+           'format_table', 'AtSize', 'benchmark_images', 'fast_inference', 'evaluate_robustness', 'robustness_metrics',
+           'robustness_record', 'robustness_path', 'stage_runs', 'evaluate_run', 'evaluate_runs', 'cifar10c_folder']
 
 # %% ../nbs/09_robustness.ipynb #c008
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
@@ -852,3 +852,30 @@ def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, t
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
+ROUND_RECIPES = ("noisy_student",)                 # recipes whose every stage is a model of its own: one row per round
+
+def evaluate_runs(preset, runs: list[dict], train, test, store=None, checkpoint_dir=None,
+                  rounds: tuple[str, ...] = ROUND_RECIPES, **kw) -> list[dict]:
+    """`evaluate_run` for each stored run, in order, and for every round of a recipe in `rounds` (`stage_runs`). Each
+    model is the one the leaderboard scores (`trained_model`: EMA weights, from `checkpoint_dir` or trained again),
+    made only where its evaluation is not in `store` yet. `kw` goes to `evaluate_robustness`."""
+    from ssl_book.experiment import trained_model
+    def model_of(run: dict, stage: int = -1) -> Callable[[], nn.Module]:
+        return lambda: trained_model(preset, run, train, test, checkpoint_dir=checkpoint_dir, stage=stage)
+    jobs = []
+    for r in runs:
+        jobs += [(sr, model_of(r, sr["stage"])) for sr in stage_runs(r)] if r["method"] in rounds else [(r, model_of(r))]
+    return [evaluate_run(r, m, test, store, **kw) for r, m in jobs]
+
+def cifar10c_folder(test, corruptions=ALL_CORRUPTIONS, seed: int = 0, root: str | Path | None = None) -> Path:
+    """The CIFAR-10-C folder of a set of 32 x 32 RGB test images (an ImageSet), written once by `make_cifar10c` with
+    every corruption asked for, under `root` (default: the cache directory, never the repository) in a folder named
+    by a digest of the images and labels, so another test set never reads these files."""
+    if test.images.shape[1:] != (3, 32, 32):
+        raise ValueError(f"CIFAR-10-C is made for 32 x 32 RGB images, got {tuple(test.images.shape[1:])}; corrupt other "
+                         "images on the fly (evaluate_robustness without `data`).")
+    digest = hashlib.sha1(test.images.numpy().tobytes() + test.labels.numpy().tobytes()).hexdigest()[:12]
+    out = Path(root) if root is not None else CACHE_DIR / "cifar10c"
+    return make_cifar10c(test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy(), out / f"{digest}-s{seed}",
+                         corruptions=list(corruptions), seed=seed, progress=False)

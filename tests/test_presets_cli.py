@@ -120,3 +120,38 @@ def test_choose_preset_follows_the_line_unless_the_environment_chose(monkeypatch
     assert P.choose_preset("gpu") == "tiny" and P.default_preset_name() == "tiny"
     with pytest.raises(ValueError, match="unknown preset"):
         P.choose_preset("huge")
+
+def test_bench_robustness_evaluates_and_stores_every_run(tmp_path, capsys):
+    "--robustness: Chapter 9's evaluation of each run, Noisy Student by round, stored and read back the second time."
+    args = ["bench", "--preset", "tiny", "--methods", "supervised", "teacher_student", "--steps", "30", "--store",
+            str(tmp_path / "store"), "--checkpoints", str(tmp_path / "ck"), "--out", str(tmp_path / "out"),
+            "--robustness", "--corruptions", "gaussian_noise", "contrast"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "robustness: 2 corruptions x 5 severities, corrupted on the fly" in out
+    stored = sorted((tmp_path / "store" / "tiny" / "robustness").glob("*.json"))
+    assert [p.name.split("-")[0] for p in stored] == ["supervised", "teacher_student"]    # a recipe not in ROUND_RECIPES
+    runs = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+            for p in (tmp_path / "store" / "tiny").glob("*.json")}
+    for p in stored:                       # from the checkpoints: the evaluated model is the run's own (clean accuracy)
+        rec = json.loads(p.read_text())
+        assert rec["clean_acc"] == pytest.approx(runs[rec["method"]]["test_acc"], abs=1e-6)
+    before = [p.read_text() for p in stored]
+    assert main(args) == 0                                   # the second time: read from the store, nothing rewritten
+    assert [p.read_text() for p in stored] == before
+    assert main(["bench", "--preset", "tiny", "--methods", "supervised", "--robustness", "--corruptions", "fog_typo",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "fog_typo" in capsys.readouterr().err
+
+def test_cifar10c_folder_is_written_once_per_test_set(tmp_path):
+    from ssl_book.corruptions import cifar10c_folder, load_cifar10c
+    from ssl_book.data import load_dataset, make_synthetic
+    small = make_synthetic(n_per_class=3, n_classes=2, size=32, seed=0)
+    a = cifar10c_folder(small, ["gaussian_noise", "contrast"], root=tmp_path)
+    assert cifar10c_folder(small, ["gaussian_noise", "contrast"], root=tmp_path) == a
+    x, y = load_cifar10c(a, "contrast", 5)
+    assert x.shape == (6, 32, 32, 3) and (y == small.labels.numpy()).all()
+    other = make_synthetic(n_per_class=3, n_classes=2, size=32, seed=1)
+    assert cifar10c_folder(other, ["contrast"], root=tmp_path) != a                  # another test set, another folder
+    with pytest.raises(ValueError, match="32 x 32 RGB"):
+        cifar10c_folder(load_dataset("digits")[1], ["contrast"], root=tmp_path)
