@@ -6,11 +6,14 @@ Docs: https://ssl-book.github.io/ssl_book/toolkit/recipes.html.md"""
 
 # %% ../nbs/toolkit/recipes.ipynb #c003
 from __future__ import annotations
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -26,8 +29,9 @@ from .augment import Augmenter
 from .train import Batch, FitConfig, History, Method, Supervised, fit, register_in, run_identity
 
 # %% auto #0
-__all__ = ['RECIPES', 'STRATEGIES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay', 'stage_key',
-           'fit_recipe', 'register_recipe', 'with_new_head', 'FineTune', 'Pretext', 'pretext_recipe', 'Student']
+__all__ = ['LOCK_POLL_S', 'RECIPES', 'STRATEGIES', 'StageContext', 'Stage', 'Recipe', 'RecipeResult', 'stage_ema_decay',
+           'stage_key', 'fit_recipe', 'register_recipe', 'with_new_head', 'FineTune', 'Pretext', 'pretext_recipe',
+           'Student']
 
 # %% ../nbs/toolkit/recipes.ipynb #c005
 @dataclass
@@ -149,6 +153,39 @@ def _link(src: Path, dst: Path) -> None:
     except OSError: shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
+LOCK_POLL_S = 15.0                      # how often a process waiting for another one's shared stage looks again
+
+@contextlib.contextmanager
+def _stage_lock(shared: Path):
+    """Hold `<shared>.lock` while this process trains the shared stage `shared`: another process that needs the same
+    stage (a second `ssl-book bench`, say) waits, then reloads the finished stage instead of training it again. A lock
+    left by a process of this machine that no longer runs is taken over; one from another machine is waited for."""
+    lock = shared.with_name(shared.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if shared.exists(): break                            # finished meanwhile: nothing to hold
+            if _lock_is_stale(lock): lock.unlink(missing_ok=True); continue
+            time.sleep(LOCK_POLL_S); continue
+        with os.fdopen(fd, "w") as f: f.write(me)
+        break
+    try: yield
+    finally:
+        if lock.exists() and lock.read_text() == me: lock.unlink()
+
+def _lock_is_stale(lock: Path) -> bool:
+    "True when `lock` names a process of this machine that does not run any more."
+    try: host, pid = lock.read_text().split()
+    except (OSError, ValueError): return False                   # being written, or gone: look again later
+    if host != socket.gethostname(): return False
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return True
+    except PermissionError: return False                         # alive, someone else's
+    return False
+
 def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageSet, split: Split, cfg: FitConfig,
                test: ImageSet | None = None, device: torch.device | str | None = None,
                checkpoint_dir: str | Path | None = None, progress: bool = True, preset=None,
@@ -171,14 +208,16 @@ def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageS
         scfg = replace(cfg, **{"ema_decay": stage_ema_decay(cfg.ema_decay, n / cfg.steps), **stage.config,
                                "steps": n, "seed": cfg.seed + 1000 * i})
         ck = Path(checkpoint_dir) / f"{i}-{stage.name.replace(' ', '_')}.pt" if checkpoint_dir is not None else None
-        shared = None
+        shared, lock = None, contextlib.nullcontext()
         if shared_dir is not None:
             key = stage_key(key, ident, method, train, ssplit, scfg, device)
             shared = Path(shared_dir) / f"{key}.pt"
-            if shared.exists() and not ck.exists(): _link(shared, ck)     # finished by another recipe: fit only reloads
-        histories.append(fit(method, train, ssplit, scfg, test, device=device, checkpoint=ck, progress=progress))
+            if not shared.exists(): lock = _stage_lock(shared)          # another process may be training it now
+        with lock:
+            if shared is not None and shared.exists(): _link(shared, ck)  # finished elsewhere: fit only reloads it
+            histories.append(fit(method, train, ssplit, scfg, test, device=device, checkpoint=ck, progress=progress))
+            if shared is not None and not shared.exists(): _link(ck, shared)
         methods.append(method)
-        if shared is not None and not shared.exists(): _link(ck, shared)
     return RecipeResult(recipe, methods, histories, steps)
 
 # %% ../nbs/toolkit/recipes.ipynb #c010

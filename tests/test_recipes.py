@@ -420,3 +420,41 @@ def test_trained_model_registers_the_chapters_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().split("\n")
     assert len(lines) == 2 and all("not one of preset 'tiny'" in line for line in lines), lines   # not "not registered"
+
+def test_a_second_process_waits_for_a_shared_stage_instead_of_training_it(tiny, tmp_path, monkeypatch):
+    "The stage lock: wait while another live process holds it, then reload its result; take over a dead one's lock."
+    import shutil, socket, subprocess, sys, threading, time
+    import ssl_book.recipes as recipes
+    from ssl_book.recipes import pretext_recipe
+    from ssl_book.train import load_checkpoint
+    monkeypatch.setattr(recipes, "LOCK_POLL_S", 0.05)
+    preset, train, test, s = tiny
+    cls = _FlipAgreement.make()
+    cfg = replace(preset.fit, steps=12, eval_every=4)
+    run = lambda strategy, where, shared: fit_recipe(
+        pretext_recipe(strategy, cls, {}, strategy, preset), lambda: make_model(preset, train, 0), train, s, cfg, test,
+        device="cpu", progress=False, checkpoint_dir=tmp_path / where, preset=preset, shared_dir=shared)
+    probe = run("probe", "probe", tmp_path / "a")
+    pre = next(p for p in (tmp_path / "a").glob("*.pt") if load_checkpoint(p, "cpu")["history"] == probe.histories[0].rows)
+    # another process of this machine trains the pretraining: its lock names a live process
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "b").mkdir()
+        lock = tmp_path / "b" / (pre.name + ".lock")
+        lock.write_text(f"{socket.gethostname()} {other.pid}")
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=run("finetune", "finetune", tmp_path / "b")))
+        t.start(); time.sleep(1.0)
+        assert t.is_alive() and not (tmp_path / "finetune").exists()                 # waiting, nothing trained
+        shutil.copyfile(pre, tmp_path / "b" / pre.name); lock.unlink()                # the other process finishes
+        t.join(60)
+        assert not t.is_alive() and out["r"].histories[0].rows == probe.histories[0].rows   # reloaded, not trained
+    finally:
+        other.kill(); other.wait()
+    # a lock whose process is gone is taken over at once, and released after the stage
+    (tmp_path / "c").mkdir()
+    lock = tmp_path / "c" / (pre.name + ".lock")
+    lock.write_text(f"{socket.gethostname()} {other.pid}")                         # `other` has exited
+    again = run("probe", "again", tmp_path / "c")
+    assert again.histories[0].rows[-1]["loss"] == probe.histories[0].rows[-1]["loss"] and not lock.exists()
+    assert (tmp_path / "c" / pre.name).exists()
