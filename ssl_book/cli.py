@@ -88,10 +88,14 @@ def _bench(args) -> int:
     if args.data: preset = replace(preset, data=args.data)
     if args.steps is not None: preset = replace(preset, fit=replace(preset.fit, steps=args.steps))
     data = load_dataset(preset.data, root=args.root) if args.root else None
+    if args.corruptions and not args.robustness: raise ValueError("--corruptions goes with --robustness.")
     if args.robustness and args.corruptions:               # a typo fails now, not after the training
         from ssl_book.corruptions import ALL_CORRUPTIONS
         unknown = [c for c in args.corruptions if c not in ALL_CORRUPTIONS]
         if unknown: raise ValueError(f"unknown corruptions {unknown}; choose from {', '.join(ALL_CORRUPTIONS)}.")
+    if args.robustness and not args.checkpoints:           # keep the models just trained for their evaluation
+        import tempfile
+        args.checkpoints = tempfile.mkdtemp(prefix="ssl-book-checkpoints-")
     print(preset.describe(), flush=True)
     methods = args.methods or ["supervised"] + [m for m in available_methods() if m != "supervised"]
     print(f"methods: {', '.join(methods)}; seeds: {' '.join(map(str, args.seeds))}", flush=True)
@@ -106,16 +110,14 @@ def _bench(args) -> int:
 def _robustness(args, preset, results: list[dict], data) -> None:
     "Chapter 9's evaluation of every run of `results` (Noisy Student round by round), printed and stored with --store."
     from ssl_book.corruptions import ALL_CORRUPTIONS, cifar10c_folder, evaluate_runs, robustness_metrics
-    from ssl_book.data import default_device, load_dataset
-    from ssl_book.train import resolve_precision
+    from ssl_book.data import load_dataset
     train, test = data if data is not None else load_dataset(preset.data)
-    kw = {"corruptions": list(args.corruptions or ALL_CORRUPTIONS),
-          "amp": resolve_precision(preset.fit.precision, default_device()) == "bf16"}
+    kw = {"corruptions": list(args.corruptions or ALL_CORRUPTIONS)}             # bf16 inference where a run trained so
     if tuple(test.images.shape[1:]) == (3, 32, 32): kw["data"] = cifar10c_folder(test, kw["corruptions"])
     print(f"robustness: {len(kw['corruptions'])} corruptions x 5 severities, "
           f"{'from the cached CIFAR-10-C folder' if 'data' in kw else 'corrupted on the fly'}", flush=True)
     pct = lambda v: f"{100 * v:6.2f}" if v is not None else "     -"
-    print(f"{'model':<24} {'labels':>6} {'seed':>4} {'clean error':>12} {'mean corr. error':>17} {'sev-5 acc':>10} {'minutes':>8}")
+    print(f"{'model':<24} {'labels':>6} {'seed':>4} {'clean error':>12} {'mean corr. error':>17} {'sev-5 acc':>10} {'eval min':>8}")
     for e in evaluate_runs(preset, results, train, test, args.store, args.checkpoints, **kw):
         m = robustness_metrics(e)
         print(f"{e['method']:<24} {e['labels']:>6,} {e['seed']:>4} {pct(m['clean_error']):>12} {pct(m['mce']):>17} "

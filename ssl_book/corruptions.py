@@ -805,7 +805,8 @@ def robustness_record(run: dict, result: dict) -> dict:
     keys = ("preset", "data", "method", "labels", "unlabeled", "seed", "split", "run_id", "precision")
     clash = set(keys) & set(result)
     if clash: raise ValueError(f"the result must not carry the run's own fields {sorted(clash)}.")
-    return {**result, **{k: run.get(k) for k in keys}, "kind": "robustness", "test_acc": run["test_acc"],
+    stage = {k: run[k] for k in ("stage", "stage_name") if k in run}      # a round of a recipe (stage_runs)
+    return {**result, **{k: run.get(k) for k in keys}, **stage, "kind": "robustness", "test_acc": run["test_acc"],
             "test_acc_raw": run["test_acc_raw"], "minutes": result.get("minutes", 0.0), "date": time.strftime("%Y-%m-%d")}
 
 def robustness_path(run: dict, store) -> Path:
@@ -834,12 +835,13 @@ def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, t
     and written there. `model` may be a function that returns the model, called only when the evaluation is not
     stored (restoring or retraining a model to skip its evaluation would waste the time), or None."""
     path = robustness_path(run, store) if store is not None else None
-    want = {"acc": list(kw.get("corruptions", ALL_CORRUPTIONS)), "severities": list(kw.get("severities", SEVERITIES)),
-            "corruption_seed": kw.get("seed", 0), "source": "folder" if kw.get("data") is not None else "on the fly",
-            "amp": kw.get("amp", False), "fast": kw.get("fast", True), "n_images": len(test)}
-    if path is not None and path.exists():
-        old = json.loads(path.read_text())
-        if {k: list(old[k]) if k == "acc" else old.get(k) for k in want} == want: return old
+    asked = [_check_name(c) for c in kw.get("corruptions", ALL_CORRUPTIONS)]
+    want = {"severities": list(kw.get("severities", SEVERITIES)), "corruption_seed": kw.get("seed", 0),
+            "source": "folder" if kw.get("data") is not None else "on the fly", "amp": kw.get("amp", False),
+            "fast": kw.get("fast", True), "n_images": len(test), "method": run["method"], "run_id": run["run_id"]}
+    old = json.loads(path.read_text()) if path is not None and path.exists() else None
+    if old is not None and {k: old.get(k) for k in want} == want and set(asked) <= set(old["acc"]):
+        return {**old, "acc": {c: old["acc"][c] for c in asked}}         # stored, perhaps with more corruptions
     if model is None: raise ValueError(f"no stored evaluation of run {run['run_id']} matches, and no model was given to evaluate.")
     if not isinstance(model, nn.Module):
         if not callable(model): raise ValueError(f"model must be an nn.Module or a function that returns one, got {type(model).__name__}.")
@@ -848,7 +850,8 @@ def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, t
     t = time.perf_counter()
     result = evaluate_robustness(model, test, **kw)
     rec = robustness_record(run, {**result, "minutes": (time.perf_counter() - t) / 60})
-    if path is not None:
+    fuller = old is not None and {k: old.get(k) for k in want} == want and not set(old["acc"]) <= set(asked)
+    if path is not None and not fuller:                 # never replace an evaluation of more corruptions by fewer
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
@@ -859,14 +862,24 @@ def evaluate_runs(preset, runs: list[dict], train, test, store=None, checkpoint_
                   rounds: tuple[str, ...] = ROUND_RECIPES, **kw) -> list[dict]:
     """`evaluate_run` for each stored run, in order, and for every round of a recipe in `rounds` (`stage_runs`). Each
     model is the one the leaderboard scores (`trained_model`: EMA weights, from `checkpoint_dir` or trained again),
-    made only where its evaluation is not in `store` yet. `kw` goes to `evaluate_robustness`."""
-    from ssl_book.experiment import trained_model
-    def model_of(run: dict, stage: int = -1) -> Callable[[], nn.Module]:
-        return lambda: trained_model(preset, run, train, test, checkpoint_dir=checkpoint_dir, stage=stage)
-    jobs = []
+    made only where its evaluation is not in `store` yet, and a recipe's stages once for all its rounds. Inference
+    runs in bf16 where the run trained in bf16, unless `kw` sets `amp`; the rest of `kw` goes to `evaluate_robustness`."""
+    from ssl_book.experiment import trained_recipe, trained_model
+    restored = {}
+    def model_of(run: dict, stage: int | None = None) -> Callable[[], nn.Module]:
+        if stage is None: return lambda: trained_model(preset, run, train, test, checkpoint_dir=checkpoint_dir)
+        def round_model():
+            if run["run_id"] not in restored:                       # every round of this run from one restoration
+                restored.clear()
+                restored[run["run_id"]] = trained_recipe(preset, run, train, test, checkpoint_dir).methods
+            m = restored[run["run_id"]][stage]
+            return m.ema_model if m.ema_model is not None else m.eval_model()
+        return round_model
+    out = []
     for r in runs:
-        jobs += [(sr, model_of(r, sr["stage"])) for sr in stage_runs(r)] if r["method"] in rounds else [(r, model_of(r))]
-    return [evaluate_run(r, m, test, store, **kw) for r, m in jobs]
+        jobs = [(sr, model_of(r, sr["stage"])) for sr in stage_runs(r)] if r["method"] in rounds else [(r, model_of(r))]
+        out += [evaluate_run(run, m, test, store, **{"amp": r.get("precision") == "bf16", **kw}) for run, m in jobs]
+    return out
 
 def cifar10c_folder(test, corruptions=ALL_CORRUPTIONS, seed: int = 0, root: str | Path | None = None) -> Path:
     """The CIFAR-10-C folder of a set of 32 x 32 RGB test images (an ImageSet), written once by `make_cifar10c` with

@@ -163,24 +163,36 @@ def _stage_lock(shared: Path):
     lock = shared.with_name(shared.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = f"{socket.gethostname()} {os.getpid()}"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if shared.exists(): break                            # finished meanwhile: nothing to hold
-            if _lock_is_stale(lock): lock.unlink(missing_ok=True); continue
-            time.sleep(LOCK_POLL_S); continue
-        with os.fdopen(fd, "w") as f: f.write(me)
-        break
-    try: yield
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")          # written whole first, so a lock is never half-written
+    mine.write_text(me)
+    held, told = False, False
+    try:
+        while not shared.exists():                               # finished meanwhile: nothing to hold
+            try:
+                os.link(mine, lock); held = True; break           # atomic: exactly one process gets the name
+            except FileExistsError:
+                if _lock_is_stale(lock): lock.unlink(missing_ok=True); continue
+                if not told: print(f"waiting for another process to finish the shared stage {shared.name} ({lock})",
+                                   flush=True); told = True
+                time.sleep(LOCK_POLL_S)
+            except OSError:                                      # no hard links on this file system: create the name
+                try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError: continue
+                with os.fdopen(fd, "w") as f: f.write(me)
+                held = True; break
+        yield
     finally:
-        if lock.exists() and lock.read_text() == me: lock.unlink()
+        mine.unlink(missing_ok=True)
+        if held: lock.unlink(missing_ok=True)
 
 def _lock_is_stale(lock: Path) -> bool:
-    "True when `lock` names a process of this machine that does not run any more."
+    """True when `lock` names a process of this machine that does not run any more, or this very process (a restarted
+    container can give a new process the old one's id). A lock from another machine is never judged stale: delete it
+    by hand if its process is gone. Not on Windows, where `os.kill` cannot ask whether a process runs."""
     try: host, pid = lock.read_text().split()
-    except (OSError, ValueError): return False                   # being written, or gone: look again later
-    if host != socket.gethostname(): return False
+    except (OSError, ValueError): return False                   # gone: look again
+    if host != socket.gethostname() or os.name == "nt": return False
+    if int(pid) == os.getpid(): return True
     try: os.kill(int(pid), 0)
     except ProcessLookupError: return True
     except PermissionError: return False                         # alive, someone else's

@@ -123,25 +123,32 @@ def test_choose_preset_follows_the_line_unless_the_environment_chose(monkeypatch
 
 def test_bench_robustness_evaluates_and_stores_every_run(tmp_path, capsys):
     "--robustness: Chapter 9's evaluation of each run, Noisy Student by round, stored and read back the second time."
-    args = ["bench", "--preset", "tiny", "--methods", "supervised", "teacher_student", "--steps", "30", "--store",
-            str(tmp_path / "store"), "--checkpoints", str(tmp_path / "ck"), "--out", str(tmp_path / "out"),
-            "--robustness", "--corruptions", "gaussian_noise", "contrast"]
+    args = ["bench", "--preset", "tiny", "--methods", "supervised", "noisy_student", "--steps", "30", "--store",
+            str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--robustness", "--corruptions", "gaussian_noise",
+            "contrast"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "robustness: 2 corruptions x 5 severities, corrupted on the fly" in out
-    stored = sorted((tmp_path / "store" / "tiny" / "robustness").glob("*.json"))
-    assert [p.name.split("-")[0] for p in stored] == ["supervised", "teacher_student"]    # a recipe not in ROUND_RECIPES
-    runs = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
-            for p in (tmp_path / "store" / "tiny").glob("*.json")}
-    for p in stored:                       # from the checkpoints: the evaluated model is the run's own (clean accuracy)
-        rec = json.loads(p.read_text())
-        assert rec["clean_acc"] == pytest.approx(runs[rec["method"]]["test_acc"], abs=1e-6)
-    before = [p.read_text() for p in stored]
+    assert all(f"noisy_student_round{i}" in out for i in range(3)) and "\nsupervised " in out
+    stored = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+              for p in (tmp_path / "store" / "tiny" / "robustness").glob("*.json")}
+    assert sorted(stored) == ["noisy_student_round0", "noisy_student_round1", "noisy_student_round2", "supervised"]
+    assert [stored[f"noisy_student_round{i}"]["stage"] for i in range(3)] == [0, 1, 2]
+    run = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in (tmp_path / "store" / "tiny").glob("*.json")}
+    # the models just trained were kept (a temporary checkpoint folder) and evaluated: clean accuracy is the run's own
+    assert stored["supervised"]["clean_acc"] == pytest.approx(run["supervised"]["test_acc"], abs=1e-6)
+    assert stored["noisy_student_round2"]["clean_acc"] == pytest.approx(run["noisy_student"]["test_acc"], abs=1e-6)
+    files = sorted((tmp_path / "store" / "tiny" / "robustness").glob("*.json"))
+    before = [p.read_text() for p in files]
     assert main(args) == 0                                   # the second time: read from the store, nothing rewritten
-    assert [p.read_text() for p in stored] == before
+    assert [p.read_text() for p in files] == before
+    assert main(args[:-2] + ["gaussian_noise"]) == 0         # fewer corruptions: served by the stored, fuller records
+    assert [p.read_text() for p in files] == before
     assert main(["bench", "--preset", "tiny", "--methods", "supervised", "--robustness", "--corruptions", "fog_typo",
                  "--out", str(tmp_path / "out")]) == 2
     assert "fog_typo" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--corruptions", "fog", "--out", str(tmp_path / "out")]) == 2
+    assert "--corruptions goes with --robustness" in capsys.readouterr().err
 
 def test_cifar10c_folder_is_written_once_per_test_set(tmp_path):
     from ssl_book.corruptions import cifar10c_folder, load_cifar10c

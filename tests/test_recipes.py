@@ -423,7 +423,7 @@ def test_trained_model_registers_the_chapters_in_a_fresh_process():
 
 def test_a_second_process_waits_for_a_shared_stage_instead_of_training_it(tiny, tmp_path, monkeypatch):
     "The stage lock: wait while another live process holds it, then reload its result; take over a dead one's lock."
-    import shutil, socket, subprocess, sys, threading, time
+    import os, shutil, socket, subprocess, sys, threading, time
     import ssl_book.recipes as recipes
     from ssl_book.recipes import pretext_recipe
     from ssl_book.train import load_checkpoint
@@ -448,13 +448,18 @@ def test_a_second_process_waits_for_a_shared_stage_instead_of_training_it(tiny, 
         assert t.is_alive() and not (tmp_path / "finetune").exists()                 # waiting, nothing trained
         shutil.copyfile(pre, tmp_path / "b" / pre.name); lock.unlink()                # the other process finishes
         t.join(60)
-        assert not t.is_alive() and out["r"].histories[0].rows == probe.histories[0].rows   # reloaded, not trained
+        assert not t.is_alive() and out["r"].histories[0].rows == probe.histories[0].rows
+        # reloaded, not trained: the run's stage checkpoint is the shared file itself (a hard link)
+        assert (tmp_path / "finetune" / "0-pretrain.pt").samefile(tmp_path / "b" / pre.name) and not lock.exists()
     finally:
         other.kill(); other.wait()
-    # a lock whose process is gone is taken over at once, and released after the stage
-    (tmp_path / "c").mkdir()
-    lock = tmp_path / "c" / (pre.name + ".lock")
-    lock.write_text(f"{socket.gethostname()} {other.pid}")                         # `other` has exited
-    again = run("probe", "again", tmp_path / "c")
-    assert again.histories[0].rows[-1]["loss"] == probe.histories[0].rows[-1]["loss"] and not lock.exists()
-    assert (tmp_path / "c" / pre.name).exists()
+    # a lock whose process is gone, or that names this very process, is taken over at once and released afterwards
+    for where, pid in [("c", other.pid), ("d", os.getpid())]:                    # `other` has exited
+        (tmp_path / where).mkdir()
+        lock = tmp_path / where / (pre.name + ".lock")
+        lock.write_text(f"{socket.gethostname()} {pid}")
+        t = threading.Thread(target=lambda: out.update(again=run("probe", "again_" + where, tmp_path / where)))
+        t.start(); t.join(60)
+        assert not t.is_alive(), "a stale lock was waited for"
+        assert out["again"].histories[0].rows[-1]["loss"] == probe.histories[0].rows[-1]["loss"] and not lock.exists()
+        assert (tmp_path / where / pre.name).exists() and not list((tmp_path / where).glob("*.lock*"))
