@@ -593,8 +593,10 @@ def make_cifar10c(images: np.ndarray, labels, out_dir: str | Path, corruptions=C
     manifest = _read_manifest(out)
     if manifest.get("fingerprint") != fp:                      # other inputs: nothing written before is reusable
         manifest = {"fingerprint": fp, "severities": severities, "n": len(images), "seed": int(seed), "files": {}}
-    np.save(out / "labels.npy", np.tile(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int64),
-                                        len(severities)))
+    tiled = np.tile(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int64), len(severities))
+    if not ((out / "labels.npy").exists() and np.array_equal(np.load(out / "labels.npy"), tiled)):
+        tmp = out / f"labels.{os.getpid()}.tmp.npy"             # whole or not at all, for a process reading meanwhile
+        np.save(tmp, tiled); tmp.replace(out / "labels.npy")
     todo = [c for c in corruptions if not _is_done(out, c, manifest, fp)]
     jobs = [(c, s, seed) for c in todo for s in severities]
     bar = tqdm(total=len(jobs) * len(images), unit="img", disable=not progress,
@@ -612,7 +614,7 @@ def make_cifar10c(images: np.ndarray, labels, out_dir: str | Path, corruptions=C
             blocks[name][severity] = block
             bar.update(len(block))
             if len(blocks[name]) == len(severities):          # a corruption is complete: write it, then record it
-                path, tmp = out / f"{name}.npy", out / f"{name}.tmp.npy"
+                path, tmp = out / f"{name}.npy", out / f"{name}.{os.getpid()}.tmp.npy"   # one temp name per process
                 done = blocks.pop(name)
                 np.save(tmp, np.concatenate([done[s] for s in severities]))
                 tmp.replace(path)
