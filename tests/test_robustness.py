@@ -157,3 +157,6 @@ def test_every_round_of_noisy_student_is_a_model_of_its_own(tmp_path):
         stage_runs({"method": "supervised", "stage_histories": None})
     with pytest.raises(ValueError, match="stage must be in"):
         trained_model(small, run, train, test, checkpoint_dir=tmp_path / "ck", stage=3)
+    sup = run_experiment(small, ["supervised"], seeds=[0], data=(train, test), checkpoint_dir=tmp_path / "ck")[0]
+    with pytest.raises(ValueError, match="a single stage"):
+        trained_model(small, sup, train, test, checkpoint_dir=tmp_path / "ck", stage=1)
