@@ -306,14 +306,17 @@ def _evaluate(method: Method, ema: nn.Module | None, test: ImageSet | None, devi
 # %% ../nbs/toolkit/train.ipynb #c023e
 def distributed() -> tuple[int, int]:
     """(rank, world size): joins the process group that `torchrun` describes in the environment (gloo on the CPU,
-    NCCL on GPUs) on first use; (0, 1) in a single process."""
-    import os
+    NCCL on GPUs) on first use, and leaves it when the interpreter exits; (0, 1) in a single process."""
+    import atexit, os
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available(): return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # a group still alive at the interpreter's exit can abort it (gloo) or warn and hang (NCCL); the caller may
+        # have left already
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
     return dist.get_rank(), dist.get_world_size()
 
 def _shard(idx: torch.Tensor | None, rank: int, world: int) -> torch.Tensor | None:

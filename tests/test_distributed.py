@@ -22,12 +22,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert one["world"] == 1 and two["world"] == 2 and len(one["loss"]) == len(two["loss"]) == 30
     assert np.allclose(one["loss"], two["loss"], rtol=0, atol=1e-5), np.abs(np.subtract(one["loss"], two["loss"])).max()
     assert one["loss"][-1] < 0.5 * one["loss"][0]                                   # and it did learn
+    assert [(tmp_path / f"two.json.left{r}").read_text() for r in (0, 1)] == ["True", "True"]   # left by hand
 
 @pytest.mark.slow
 def test_fixmatch_with_batchnorm_runs_under_torchrun_and_process_0_checkpoints(tmp_path):
     two = _run(tmp_path, "cnn", "cnn", 2)
     assert two["world"] == 2 and len(two["loss"]) == 2 and all(0 <= a <= 1 for a in two["test_acc"])
     assert (tmp_path / "cnn.json.pt").exists()
+    # nobody called destroy_process_group: distributed() left the group at exit, in both processes
+    assert [(tmp_path / f"cnn.json.left{r}").read_text() for r in (0, 1)] == ["True", "True"]
 
 def test_batch_must_split_evenly(monkeypatch):
     import torch
