@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data", default=None, help="digits | cifar10 | folder | synthetic (default: the preset's)")
     b.add_argument("--root", default=None, help="data folder for --data folder or a local CIFAR-10 copy")
     b.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="override the preset's precision (auto: bf16 where the machine has it); runs made on "
+                        "machines that differ in bf16 support match only when it is fixed")
     b.add_argument("--out", default="runs/bench", help="folder for results.json and results.png")
     b.add_argument("--store", default=None, help="results store for one record per run (e.g. nbs/results); reused when present")
     b.add_argument("--checkpoints", default=None, help="folder for checkpoints; an interrupted run resumes from its last one")
@@ -87,6 +90,7 @@ def _bench(args) -> int:
     preset = get_preset(args.preset)
     if args.data: preset = replace(preset, data=args.data)
     if args.steps is not None: preset = replace(preset, fit=replace(preset.fit, steps=args.steps))
+    if args.precision is not None: preset = replace(preset, fit=replace(preset.fit, precision=args.precision))
     data = load_dataset(preset.data, root=args.root) if args.root else None
     if args.corruptions and not args.robustness: raise ValueError("--corruptions goes with --robustness.")
     if args.robustness and args.corruptions:               # a typo fails now, not after the training

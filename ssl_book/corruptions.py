@@ -758,15 +758,19 @@ def evaluate_robustness(model: nn.Module, test, data=None, corruptions=ALL_CORRU
                         batch_size: int = 128) -> dict:
     """The clean accuracy of `model` on `test` (an ImageSet) and its accuracy on every corruption and severity: from the
     CIFAR-10-C folder `data` (written by `make_cifar10c` from the same test images), or corrupted on the fly. Images
-    that are not 32 x 32 RGB (the digits) go through `benchmark_images` and the model through `AtSize`.
-    `amp`: bf16 inference, where the machine trains in bf16; `fast`: through `fast_inference` (BatchNorm folded).
+    that are not 32 x 32 RGB (the digits) go through `benchmark_images` and the model through `AtSize`; the clean and
+    the corrupted images go through the same network. `amp`: bf16 inference, where the machine trains in bf16; `fast`:
+    through `fast_inference` (BatchNorm folded).
     Batches of 128 keep a small CNN's activations in the CPU's cache."""
-    from ssl_book.evaluate import accuracy
+    from ssl_book.evaluate import predict
     _, c, h, _ = test.images.shape
-    clean = accuracy(model, test, device=device, amp=amp)
     net = model if (c, h) == (3, 32) else AtSize(model, h, c)
     if fast and (device is None or torch.device(device).type == "cpu"): net = fast_inference(net)
-    source = data if data is not None else (benchmark_images(test.images), test.labels.numpy())
+    # the clean images through the very network that sees the corrupted ones: relative error subtracts one from the other
+    bench_x = benchmark_images(test.images)
+    clean_x = torch.from_numpy(bench_x).permute(0, 3, 1, 2).contiguous()
+    clean = float((predict(net, clean_x, batch_size, device, amp=amp).argmax(1) == test.labels).float().mean())
+    source = data if data is not None else (bench_x, test.labels.numpy())
     acc = corruption_accuracy(net, source, corruptions, severities, seed, batch_size, device=device, progress=progress, amp=amp)
     return {"clean_acc": clean, "acc": {k: [float(a) for a in v] for k, v in acc.items()}, "severities": list(severities),
             "n_images": len(test), "corruption_seed": seed, "source": "folder" if data is not None else "on the fly",
@@ -858,7 +862,9 @@ def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, t
         path.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
 
-ROUND_RECIPES = ("noisy_student",)                 # recipes whose every stage is a model of its own: one row per round
+# recipes whose every stage is a model of its own, one row per round: Noisy Student's teacher and students, and the
+# source article's own experiment (a teacher on all labels, SWA or not, then a student distilled from it)
+ROUND_RECIPES = ("noisy_student", "distill", "distill_swa")
 
 def evaluate_runs(preset, runs: list[dict], train, test, store=None, checkpoint_dir=None,
                   rounds: tuple[str, ...] = ROUND_RECIPES, **kw) -> list[dict]:

@@ -60,8 +60,9 @@ def preset_split(preset: Preset, train: ImageSet, n_labeled: int | None, seed: i
 
 def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split, seed: int,
             device: torch.device | str | None = None, progress: bool = False, store: str | Path | None = None,
-            checkpoint_dir: str | Path | None = None) -> dict:
-    "Train one registered method or recipe on split `s` (or read its record from `store`); return its record."
+            checkpoint_dir: str | Path | None = None, only_stored: bool = False) -> dict | None:
+    """Train one registered method or recipe on split `s` (or read its record from `store`); return its record.
+    `only_stored`: never train; None when the run is not in `store`."""
     device = torch.device(device) if device is not None else default_device()
     cfg = replace(preset.fit, seed=seed)
     new_model = lambda: make_model(preset, train, seed)
@@ -82,6 +83,7 @@ def run_one(preset: Preset, name: str, train: ImageSet, test: ImageSet, s: Split
     rid = run_id(identity)
     if store is not None and (old := find_record(store, preset.name, rid)) is not None:
         return old                                              # this exact run is already in the store
+    if only_stored: return None
     ck = run_checkpoint(checkpoint_dir, {"preset": preset.name, "method": name, "labels": len(s.labeled), "seed": seed,
                                          "run_id": rid}) if checkpoint_dir else None
     load_before, t0 = machine()["load"], time.time()
@@ -116,26 +118,30 @@ def run_experiment(preset: Preset | str | None = None, methods: Sequence[str] = 
                    labels: Sequence[int | None] | None = None, seeds: Sequence[int] = (0,),
                    data: tuple[ImageSet, ImageSet] | str | None = None, progress: bool = False,
                    device: torch.device | str | None = None, store: str | Path | None = None,
-                   checkpoint_dir: str | Path | None = None) -> list[dict]:
-    "Train each method or recipe for each label count and seed on the same split; one record per run (see `run_one`)."
+                   checkpoint_dir: str | Path | None = None, missing: str = "train") -> list[dict]:
+    """Train each method or recipe for each label count and seed on the same split; one record per run (see `run_one`).
+    `missing` says what to do with a run that is not in `store`: "train" it, "skip" it (the records found), or "error":
+    raise a ValueError naming every missing run before training anything (an evaluation that must only read the store)."""
+    if missing not in ("train", "skip", "error"): raise ValueError(f"missing must be 'train', 'skip' or 'error', got {missing!r}.")
+    if missing != "train" and store is None: raise ValueError(f"missing={missing!r} reads the store: give `store`.")
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     known = available_methods()
     for m in methods:
         if m not in known: raise ValueError(f"unknown method {m!r}; registered: {', '.join(known)}.")
     train, test = load_dataset(data or preset.data) if not isinstance(data, tuple) else data
     labels = [preset.n_labeled] if labels is None else list(labels)
-    results = []
     if len(train.unlabeled):                   # the data come with their own labeled and unlabeled images
-        for seed in seeds:
-            s = given_split(train, preset.n_val, seed)
-            results += [run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir) for name in methods]
-        return results
-    for n_labeled in labels:
-        for seed in seeds:
-            s = preset_split(preset, train, n_labeled, seed)
-            for name in methods:
-                results.append(run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir))
-    return results
+        jobs = [(name, given_split(train, preset.n_val, seed), seed) for seed in seeds for name in methods]
+    else:
+        jobs = [(name, preset_split(preset, train, n, seed), seed) for n in labels for seed in seeds for name in methods]
+    run = lambda name, s, seed, only: run_one(preset, name, train, test, s, seed, device, progress, store, checkpoint_dir, only)
+    if missing == "train": return [run(*job, False) for job in jobs]
+    found = [(job, run(*job, True)) for job in jobs]
+    absent = [f"{name} ({len(s.labeled):,} labels, seed {seed})" for (name, s, seed), r in found if r is None]
+    if absent and missing == "error":
+        raise ValueError(f"{len(absent)} of {len(jobs)} runs are not in {store} for preset {preset.name} "
+                         f"(precision {resolve_precision(preset.fit.precision, torch.device(device) if device else default_device())}): {'; '.join(absent)}. Train them first, e.g. with ssl-book bench.")
+    return [r for _, r in found if r is not None]
 
 # %% ../nbs/toolkit/experiment.ipynb #c007
 def plot_summary(rows: list[dict], title: str = "", ax=None):

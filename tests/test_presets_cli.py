@@ -137,6 +137,9 @@ def test_bench_robustness_evaluates_and_stores_every_run(tmp_path, capsys):
     run = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in (tmp_path / "store" / "tiny").glob("*.json")}
     # the models just trained were kept (a temporary checkpoint folder) and evaluated: clean accuracy is the run's own
     assert stored["supervised"]["clean_acc"] == pytest.approx(run["supervised"]["test_acc"], abs=1e-6)
+    for i in range(3):                                      # every round is its own stage's model (the last: the run's)
+        stage_acc = [row for row in run["noisy_student"]["stage_histories"][i] if "test_acc" in row][-1]["test_acc"]
+        assert stored[f"noisy_student_round{i}"]["clean_acc"] == pytest.approx(stage_acc, abs=1e-6), i
     assert stored["noisy_student_round2"]["clean_acc"] == pytest.approx(run["noisy_student"]["test_acc"], abs=1e-6)
     files = sorted((tmp_path / "store" / "tiny" / "robustness").glob("*.json"))
     before = [p.read_text() for p in files]

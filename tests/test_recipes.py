@@ -197,6 +197,32 @@ def test_records_are_written_reused_and_named_by_the_run(tiny, tmp_path):
                            data=(train, test), store=tmp_path)
     assert other[0]["run_id"] not in {x["run_id"] for x in recs}
 
+def test_missing_runs_are_skipped_or_named_and_never_trained_unless_asked(tiny, tmp_path):
+    preset, train, test, s = tiny
+    preset = replace(preset, fit=replace(preset.fit, steps=10, eval_every=10))
+    have = [r["run_id"] for r in run_experiment(preset, ["supervised"], seeds=[0], data=(train, test), store=tmp_path)]
+    ids = lambda rs: [r["run_id"] for r in rs]
+    import ssl_book.experiment as E
+    orig, E.fit = E.fit, None                                   # any training would fail
+    try:
+        assert ids(run_experiment(preset, ["supervised"], seeds=[0, 1], data=(train, test), store=tmp_path, missing="skip")) == have
+        with pytest.raises(ValueError, match=r"1 of 2 runs .*supervised \(50 labels, seed 1\)"):
+            run_experiment(preset, ["supervised"], seeds=[0, 1], data=(train, test), store=tmp_path, missing="error")
+        assert ids(run_experiment(preset, ["supervised"], seeds=[0], data=(train, test), store=tmp_path, missing="error")) == have
+    finally: E.fit = orig
+    with pytest.raises(ValueError, match="missing must be"): run_experiment(preset, ["supervised"], store=tmp_path, missing="no")
+    with pytest.raises(ValueError, match="give `store`"): run_experiment(preset, ["supervised"], missing="skip")
+
+def test_bench_precision_fixes_the_runs_precision(tmp_path, capsys):
+    from ssl_book.cli import main
+    args = ["bench", "--preset", "tiny", "--methods", "supervised", "--steps", "5", "--store", str(tmp_path), "--out",
+            str(tmp_path / "out"), "--precision", "fp32"]
+    assert main(args) == 0
+    rec = json.loads(next((tmp_path / "tiny").glob("*.json")).read_text())
+    assert rec["precision"] == "fp32" and rec["config"]["precision"] == "fp32"
+    with pytest.raises(SystemExit): main(args[:-1] + ["fp16"])
+    assert "invalid choice" in capsys.readouterr().err
+
 def test_leaderboard_table_and_chart(tmp_path):
     for m, accs in (("supervised", (0.80, 0.82, 0.81)), ("a", (0.86, 0.87, 0.85)), ("b", (0.81, 0.83, 0.80))):
         for seed, a in enumerate(accs):

@@ -90,10 +90,22 @@ def test_benchmark_images_and_at_size_round_trip_the_digits_exactly():
     with pytest.raises(ValueError, match="uint8"): benchmark_images(x.float())
     with pytest.raises(ValueError, match="dividing 32"): benchmark_images(torch.zeros(2, 1, 7, 7, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channels"): AtSize(model, 8, 2)
-    AtSize(model, 8, 1).eval()(torch.rand(2, 3, 32, 32))
-    assert not any(mod.training for mod in model.modules())               # the wrapper starts in the model's mode
-    fast = fast_inference(AtSize(model, 8, 1))
+    assert not AtSize(model, 8, 1).training                                # the wrapper starts in the model's mode
+    assert AtSize(small_cnn(1, 10, 8).train(), 8, 1).training
+
+def test_fast_inference_folds_batchnorm_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = small_cnn(1, 10, 8)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics far from the identity
+        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.5, 2); bn.weight.data.uniform_(0.5, 2); bn.bias.data.uniform_(-1, 1)
+    net = AtSize(model, 8, 1).eval()
+    fast = fast_inference(net)
     assert not any(isinstance(mod, nn.BatchNorm2d) for mod in fast.modules())   # traced and folded
+    assert any(isinstance(mod, nn.BatchNorm2d) for mod in model.modules())   # a copy: the model keeps its layers
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), net(x), atol=1e-4)
+        assert not torch.allclose(fast(x), AtSize(small_cnn(1, 10, 8), 8, 1).eval()(x), atol=1e-2)   # the check can fail
 
 def test_tiny_end_to_end_on_digits_with_two_corruptions(tmp_path):
     preset = get_preset("tiny")
