@@ -369,3 +369,18 @@ def test_settings_are_the_constructor_arguments():
     from ssl_book.mixmatch import MixMatch
     st = MixMatch(nn.Linear(2, 2), T=0.3).settings()
     assert st["T"] == 0.3 and st["K"] == 2 and "ema" not in st and "model" not in st
+
+def test_fit_trains_the_convolutions_channels_last_on_the_cpu():
+    "The layout that made fp32 steps 1.2-1.5x faster on the book's CPU (bench/channels_last.py), for the EMA model too."
+    import torch
+    from ssl_book.data import make_synthetic, split
+    from ssl_book.models import small_cnn
+    from ssl_book.train import FitConfig, Supervised, fit
+    data = make_synthetic(n_per_class=8, n_classes=2, size=8)
+    m = Supervised(small_cnn(3, 2, 8))
+    assert all(p.is_contiguous() for p in m.model.parameters())               # as built
+    fit(m, data, split(data.labels, 8), FitConfig(steps=2, batch_size=4, eval_every=2, ema_decay=0.9, precision="fp32"), data,
+        progress=False, device="cpu")
+    convs = [p for p in m.model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in m.ema_model.parameters() if p.ndim == 4)
