@@ -171,7 +171,11 @@ def _stage_lock(shared: Path):
             try:
                 os.link(mine, lock); held = True; break           # atomic: exactly one process gets the name
             except FileExistsError:
-                if _lock_is_stale(lock): lock.unlink(missing_ok=True); continue
+                if _lock_is_stale(lock):
+                    try: dead = lock.with_name(f"{lock.name}.{lock.read_text().split()[-1]}")   # the dead holder's own name
+                    except OSError: continue                         # gone meanwhile: try again
+                    if dead != mine: dead.unlink(missing_ok=True)
+                    lock.unlink(missing_ok=True); continue
                 if not told: print(f"waiting for another process to finish the shared stage {shared.name} ({lock})",
                                    flush=True); told = True
                 time.sleep(LOCK_POLL_S)
