@@ -868,14 +868,22 @@ def evaluate_run(run: dict, model: nn.Module | Callable[[], nn.Module] | None, t
 ROUND_RECIPES = ("noisy_student", "distill_swa")
 
 def evaluate_runs(preset, runs: list[dict], train, test, store=None, checkpoint_dir=None,
-                  rounds: tuple[str, ...] = ROUND_RECIPES, **kw) -> list[dict]:
+                  rounds: tuple[str, ...] = ROUND_RECIPES, train_missing: bool = True, **kw) -> list[dict]:
     """`evaluate_run` for each stored run, in order, and for every round of a recipe in `rounds` (`stage_runs`). Each
     model is the one the leaderboard scores (`trained_model`: EMA weights, from `checkpoint_dir` or trained again),
     made only where its evaluation is not in `store` yet, and a recipe's stages once for all its rounds. Inference
-    runs in bf16 where the run trained in bf16, unless `kw` sets `amp`; the rest of `kw` goes to `evaluate_robustness`."""
-    from ssl_book.experiment import trained_recipe, trained_model
+    runs in bf16 where the run trained in bf16, unless `kw` sets `amp`; the rest of `kw` goes to `evaluate_robustness`.
+    `train_missing=False`: a model whose evaluation is not stored and whose checkpoints are not in `checkpoint_dir` is
+    a ValueError instead of a training run."""
+    from ssl_book.experiment import run_checkpoint, trained_recipe, trained_model
     restored = {}
     def model_of(run: dict, stage: int | None = None) -> Callable[[], nn.Module]:
+        if not train_missing and (checkpoint_dir is None or not run_checkpoint(checkpoint_dir, run).exists()):
+            def refuse():
+                raise ValueError(f"{run['method']} ({run['labels']:,} labels, seed {run['seed']}) has no stored evaluation "
+                                 f"and no checkpoints under {checkpoint_dir}: evaluate it with `ssl-book bench ... "
+                                 "--robustness` (which trains it), or pass train_missing=True.")
+            return refuse
         if stage is None: return lambda: trained_model(preset, run, train, test, checkpoint_dir=checkpoint_dir)
         def round_model():
             if run["run_id"] not in restored:                       # every round of this run from one restoration

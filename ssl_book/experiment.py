@@ -197,7 +197,8 @@ def trained_method(preset: Preset | str, record: dict, train: ImageSet, test: Im
                    checkpoint_dir: str | Path | None = None, device: torch.device | str | None = None):
     """The trained `Method` of a stored run of a registered method, from its record: resumed from its last checkpoint
     under `checkpoint_dir` (nothing is trained), else trained again from the record's seed and split: the record's model
-    again on the same machine, precision and number of threads, a close one elsewhere (float rounding differs)."""
+    again on the same machine, precision, number of threads and code, a close one elsewhere (float rounding differs; for
+    one, `fit` trains channels-last on the CPU since 2026-12-03, so older cpu records are not reproduced bit for bit)."""
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     s, seed = _stored_split(preset, record, train, "method"), record["seed"]
     method = METHODS[record["method"]](make_model(preset, train, seed), preset)

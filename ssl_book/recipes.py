@@ -171,10 +171,8 @@ def _stage_lock(shared: Path):
             try:
                 os.link(mine, lock); held = True; break           # atomic: exactly one process gets the name
             except FileExistsError:
-                if _lock_is_stale(lock):
-                    try: dead = lock.with_name(f"{lock.name}.{lock.read_text().split()[-1]}")   # the dead holder's own name
-                    except OSError: continue                         # gone meanwhile: try again
-                    if dead != mine: dead.unlink(missing_ok=True)
+                if (dead := _stale_pid(lock)) is not None:
+                    if dead != os.getpid(): lock.with_name(f"{lock.name}.{dead}").unlink(missing_ok=True)  # its own name
                     lock.unlink(missing_ok=True); continue
                 if not told: print(f"waiting for another process to finish the shared stage {shared.name} ({lock})",
                                    flush=True); told = True
@@ -189,18 +187,19 @@ def _stage_lock(shared: Path):
         mine.unlink(missing_ok=True)
         if held: lock.unlink(missing_ok=True)
 
-def _lock_is_stale(lock: Path) -> bool:
-    """True when `lock` names a process of this machine that does not run any more, or this very process (a restarted
-    container can give a new process the old one's id). A lock from another machine is never judged stale: delete it
-    by hand if its process is gone. Not on Windows, where `os.kill` cannot ask whether a process runs."""
-    try: host, pid = lock.read_text().split()
-    except (OSError, ValueError): return False                   # gone: look again
-    if host != socket.gethostname() or os.name == "nt": return False
-    if int(pid) == os.getpid(): return True
-    try: os.kill(int(pid), 0)
-    except ProcessLookupError: return True
-    except PermissionError: return False                         # alive, someone else's
-    return False
+def _stale_pid(lock: Path) -> int | None:
+    """The process id in `lock` when it names a process of this machine that does not run any more, or this very process
+    (a restarted container can give a new process the old one's id); else None. A lock from another machine is never
+    judged stale: delete it by hand if its process is gone. Not on Windows, where `os.kill` cannot ask whether a
+    process runs."""
+    try: host, pid = lock.read_text().split(); pid = int(pid)
+    except (OSError, ValueError): return None                    # gone or being written: look again
+    if host != socket.gethostname() or os.name == "nt": return None
+    if pid == os.getpid(): return pid
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return pid
+    except PermissionError: return None                          # alive, someone else's
+    return None
 
 def fit_recipe(recipe: Recipe, new_model: Callable[[], nn.Module], train: ImageSet, split: Split, cfg: FitConfig,
                test: ImageSet | None = None, device: torch.device | str | None = None,

@@ -380,7 +380,7 @@ def fit(method: Method, train: ImageSet, split: Split, cfg: FitConfig, test: Ima
     model = method.model.to(device)
     # channels-last: what the CPU's and GPUs' convolution kernels prefer (fp32 steps 1.2-1.5x faster on the book's CPU,
     # bench/RESULTS.md); the same arithmetic in another order, so results differ by float rounding only
-    if device.type in ("cpu", "cuda"): model.to(memory_format=torch.channels_last)
+    if amp or device.type in ("cpu", "cuda"): model.to(memory_format=torch.channels_last)
     method.setup(train, split, device)
     lazy = not isinstance(train.images, torch.Tensor)                          # file-backed: decoded per step
     images, labels = (train.images if lazy else train.images.to(device)), train.labels.to(device)

@@ -14,6 +14,7 @@ def _run(tmp_path, name: str, kind: str, nproc: int | None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Exception ignored in atexit" not in r.stderr, r.stderr[-3000:]    # an exit handler's error is only printed
     return json.loads(out.read_text())
 
 @pytest.mark.slow

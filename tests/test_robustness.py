@@ -172,3 +172,34 @@ def test_every_round_of_noisy_student_is_a_model_of_its_own(tmp_path):
     sup = run_experiment(small, ["supervised"], seeds=[0], data=(train, test), checkpoint_dir=tmp_path / "ck")[0]
     with pytest.raises(ValueError, match="a single stage"):
         trained_model(small, sup, train, test, checkpoint_dir=tmp_path / "ck", stage=1)
+
+def test_clean_accuracy_goes_through_the_same_network_as_the_corrupted_images(monkeypatch):
+    "evaluate_robustness scores the clean images with the very (folded) network that sees the corrupted ones."
+    import ssl_book.corruptions as C
+    _, test = load_dataset("digits")
+    test = test.subset(range(60))
+    class Always(nn.Module):                                 # whatever it is given, class k
+        def __init__(self, k): super().__init__(); self.k, self.w = k, nn.Linear(1, 1)
+        def forward(self, x): return torch.nn.functional.one_hot(torch.full((len(x),), self.k), 10).float()
+    monkeypatch.setattr(C, "fast_inference", lambda net: Always(0))            # the "folded" network says 0
+    r = C.evaluate_robustness(Always(1), test, corruptions=["contrast"])        # the model as given says 1
+    share = float((test.labels == 0).float().mean())
+    assert r["clean_acc"] == pytest.approx(share) and r["acc"]["contrast"] == pytest.approx([share] * 5)
+
+def test_evaluate_runs_names_a_model_it_would_have_to_train(tmp_path):
+    "train_missing=False: no stored evaluation and no checkpoint is an error naming the run, not a training run."
+    from ssl_book.corruptions import evaluate_runs
+    from ssl_book.experiment import run_experiment
+    import ssl_book.experiment as E
+    preset = get_preset("tiny")
+    preset = replace(preset, fit=replace(preset.fit, steps=5, eval_every=5))
+    train, test = load_dataset("digits")
+    runs = run_experiment(preset, ["supervised"], data=(train, test), store=tmp_path / "store", checkpoint_dir=tmp_path / "ck")
+    orig, E.fit = E.fit, None                                  # any training would fail
+    try:
+        with pytest.raises(ValueError, match=r"supervised \(50 labels, seed 0\) has no stored evaluation and no checkpoints"):
+            evaluate_runs(preset, runs, train, test, tmp_path / "store", tmp_path / "elsewhere", train_missing=False,
+                          corruptions=["contrast"])
+    finally: E.fit = orig
+    e, = evaluate_runs(preset, runs, train, test, tmp_path / "store", tmp_path / "ck", train_missing=False, corruptions=["contrast"])
+    assert e["clean_acc"] == pytest.approx(runs[0]["test_acc"], abs=1e-6)        # restored from its checkpoint

@@ -271,7 +271,9 @@ def test_fine_tuning_moves_the_encoder():
 @pytest.fixture(scope="module")
 def outcome():
     """Each pretext task pretrained label-free for 200 tiny steps (the recipes' pretraining budget and batch), and the
-    linear probe of its EMA encoder and of the random encoder it started from, on the labeled digits, seeds 0-2."""
+    linear probe of its EMA encoder, of the random encoder it started from ("random": BatchNorm statistics as
+    initialised), and of the recipes' random floor ("floor": `RandomInit`, the same weights with the data's BatchNorm
+    statistics), on the labeled digits, seeds 0-2."""
     preset = get_preset("tiny")
     train, test = load_dataset("digits")
     out = {}
@@ -279,23 +281,31 @@ def outcome():
         s = split(train.labels, preset.n_labeled, preset.n_unlabeled, preset.n_val, seed=seed)
         lab = train.subset(s.labeled)
         out["random", seed] = 100 * linear_probe(make_model(preset, train, seed), lab, test)
-        for name, cls in [("rotnet", RotNet), ("jigsaw", Jigsaw), ("autoencoder", Autoencoder)]:
+        for name, cls in [("floor", RandomInit), ("rotnet", RotNet), ("jigsaw", Jigsaw), ("autoencoder", Autoencoder)]:
             batch = preset.fit.batch_size * (1 + preset.fit.mu) * 2 // cls.inputs_per_image
             m = cls(make_model(preset, train, seed), probe=False)
             fit(m, train, s, replace(preset.fit, seed=seed, steps=200, eval_every=200, batch_size=batch), progress=False, device="cpu")
             out[name, seed] = 100 * linear_probe(m.ema_model, lab, test)
     return out
 
+def test_autoencoder_beats_the_random_floor_at_every_seed(outcome):
+    # against the recipes' floor (random weights, the data's BatchNorm statistics: 71.1 / 57.1 / 63.8 %), measured
+    # (torch 2.14, CPU, fit training channels-last): +7.1 / +16.9 / +12.7 points
+    gains = [outcome["autoencoder", seed] - outcome["floor", seed] for seed in (0, 1, 2)]
+    assert min(gains) > 3.0 and np.mean(gains) > 8.0, gains
+
 @pytest.mark.parametrize("name, margin, mean_margin", [("rotnet", 1.0, 4.0), ("autoencoder", 5.0, 10.0)])
-def test_pretext_encoder_beats_a_random_one_at_every_seed(outcome, name, margin, mean_margin):
-    # measured (torch 2.14, CPU, fit training channels-last): RotNet +5.6 / +13.3 / +2.0 points, autoencoder
-    # +13.6 / +19.6 / +15.1 over the random encoder's linear probe (64.7 / 54.4 / 61.3 %). With the contiguous layout
-    # (the same arithmetic in another order) RotNet was +4.0 / +17.6 / +9.8: one seed's gain on the tiny digits moves by
-    # several points with float rounding, so every seed must gain, and the mean by a clear margin.
+def test_pretext_encoder_beats_an_uncalibrated_random_one_at_every_seed(outcome, name, margin, mean_margin):
+    # A weaker claim: against the random encoder with its initial BatchNorm statistics (64.7 / 54.4 / 61.3 %), whose
+    # features are not normalised. Measured: RotNet +5.6 / +13.3 / +2.0 points, autoencoder +13.6 / +19.6 / +15.1; with
+    # the contiguous layout (the same arithmetic in another order) RotNet was +4.0 / +17.6 / +9.8, so one seed moves by
+    # several points with float rounding. Against the calibrated floor RotNet measured -0.9 / +10.7 / -0.4 and jigsaw
+    # -9.6 / +3.3 / -0.7: on 8x8 digits, 200 steps of rotation or jigsaw do not clear the fair floor, and this test
+    # only shows that their pretraining learned something.
     gains = [outcome[name, seed] - outcome["random", seed] for seed in (0, 1, 2)]
     assert min(gains) > margin and np.mean(gains) > mean_margin, (name, gains)
 
 def test_jigsaw_encoder_beats_a_random_one_on_average(outcome):
-    # measured: -3.1 / +6.0 / +1.8 points (contiguous layout: +3.5 / +6.5 / -2.6); the 4-pixel tiles of 8x8 digits make
-    # a weak puzzle, so only the mean is required
+    # against the uncalibrated random encoder, as above; measured: -3.1 / +6.0 / +1.8 points (contiguous layout: +3.5 /
+    # +6.5 / -2.6); the 4-pixel tiles of 8x8 digits make a weak puzzle, so only the mean is required
     assert np.mean([outcome["jigsaw", s] for s in (0, 1, 2)]) > np.mean([outcome["random", s] for s in (0, 1, 2)]) + 1.0
